@@ -1,0 +1,1 @@
+"""medgpt: fine-tune GPT-2 on PubMedQA with DeepSpeed ZeRO."""

@@ -1,0 +1,206 @@
+"""Typed run configuration: defaults <- YAML file (--config) <- command-line flags.
+
+The YAML file is grouped by section (``model:``, ``data:``, ``optim:``, ``train:``); on the
+command line every field is a flat flag (``--lr``, ``--fold``), so field names are unique
+across sections. Everything is validated once, in :func:`Config.validate`, before any work.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medgpt.errors import UserError
+
+HUB_DATASET = "qiaojin/PubMedQA"
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelConfig:
+    # Hub name ("gpt2", "gpt2-medium"), a save_pretrained folder, or a GPT2Config .json
+    # file for a randomly initialised model (configs/models/tiny.json).
+    model: str = "gpt2"
+    # Tokenizer name or folder; empty means the model's own (Hub "gpt2" for a .json config).
+    tokenizer: str = ""
+    dropout: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    # Hub dataset id (config pqa_labeled), a parquet file/folder in the Hub's layout,
+    # or the original ori_pqal.json.
+    data: str = HUB_DATASET
+    fold: int = 0  # which of the 10 official cross-validation folds is dev
+    seq_len: int = 1024  # longest tokenized sample; contexts are cut to fit
+    long_answer: bool = False  # train on "yes. <long answer>" instead of the decision alone
+    cache_dir: str = ""  # tokenized-data cache; empty means <HF datasets cache>/medgpt
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/medgpt"
+    ds_config: str = "ds_configs/zero2.json"
+    precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    epochs: int = 3
+    max_steps: int = 0  # >0 stops after this many optimizer steps, overriding epochs
+    seed: int = 42
+    eval_every: int = 0  # held-out loss every N steps (0: only at the end)
+    log_every: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Check every field once; report all problems together."""
+        problems: list[str] = []
+        t, o, d, m = self.train, self.optim, self.data, self.model
+        if t.precision not in PRECISIONS:
+            problems.append(f"precision '{t.precision}' is unknown; use one of {', '.join(PRECISIONS)}")
+        for name in ("micro_batch_size", "grad_accum", "log_every"):
+            if getattr(t, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(t, name)})")
+        for name in ("epochs", "max_steps", "eval_every"):
+            if getattr(t, name) < 0:
+                problems.append(f"{name} must be >= 0 (got {getattr(t, name)})")
+        if t.epochs == 0 and t.max_steps == 0:
+            problems.append("set epochs or max_steps to more than 0")
+        if not 0 <= d.fold <= 9:
+            problems.append(f"fold must be 0..9, one of the 10 official folds (got {d.fold})")
+        if d.seq_len < 32:
+            problems.append(f"seq_len must be >= 32 (got {d.seq_len})")
+        if not 0 <= m.dropout < 1:
+            problems.append(f"dropout must be in [0, 1) (got {m.dropout})")
+        if o.lr <= 0:
+            problems.append(f"lr must be > 0 (got {o.lr})")
+        if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
+            problems.append("warmup_steps, grad_clip and weight_decay must be >= 0")
+        if not 0 <= o.min_lr_ratio <= 1:
+            problems.append(f"min_lr_ratio must be in [0, 1] (got {o.min_lr_ratio})")
+        if problems:
+            raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def _field_type(section: type, name: str) -> type:
+    hint = typing.get_type_hints(section)[name]
+    if isinstance(hint, types.UnionType):  # "int | None" style: take the non-None member
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _coerce(value: Any, kind: type, where: str) -> Any:
+    """Turn a YAML or command-line value into the field's type, or say why not."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"{where}: expected true or false, got '{value}'")
+    if kind is float and isinstance(value, str):
+        value = value.strip()
+    try:
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: expected {kind.__name__}, got '{value}'") from None
+
+
+def _field_index() -> dict[str, tuple[str, type]]:
+    """Flat field name -> (section name, type); names are unique across sections."""
+    index: dict[str, tuple[str, type]] = {}
+    for section_name, section in SECTIONS.items():
+        for f in dataclasses.fields(section):
+            assert f.name not in index, f"duplicate config field {f.name}"
+            index[f.name] = (section_name, _field_type(section, f.name))
+    return index
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Fine-tune GPT-2 on PubMedQA with DeepSpeed. Every field of the YAML config "
+        "is also a flag; flags win over the file.",
+    )
+    parser.add_argument("--config", help="YAML file with model/data/optim/train sections")
+    # The deepspeed launcher appends --local_rank; the environment carries the same value.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    for name, (section, kind) in _field_index().items():
+        parser.add_argument(f"--{name}", default=None, metavar=kind.__name__.upper(), help=f"[{section}]")
+    return parser
+
+
+def _load_yaml(path: str) -> dict[str, dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{path}' does not exist; pass --config with a YAML file path")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file '{path}' is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file '{path}' must be a mapping of sections {', '.join(SECTIONS)}")
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise UserError(f"config file '{path}': unknown section '{section}'; "
+                            f"sections are {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise UserError(f"config file '{path}': section '{section}' must be a mapping")
+    return raw
+
+
+def parse_config(argv: list[str]) -> Config:
+    """Build the validated Config from a command line (and the YAML file it names)."""
+    args = build_parser().parse_args(argv)
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    index = _field_index()
+    if args.config:
+        for section, entries in _load_yaml(args.config).items():
+            fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+            for key, value in entries.items():
+                if key not in fields:
+                    raise UserError(f"config file '{args.config}': unknown field '{section}.{key}'; "
+                                    f"fields of '{section}' are {', '.join(sorted(fields))}")
+                values[section][key] = _coerce(value, index[key][1], f"{section}.{key}")
+    for name, (section, kind) in index.items():
+        flag_value = getattr(args, name)
+        if flag_value is not None:
+            values[section][name] = _coerce(flag_value, kind, f"--{name}")
+    config = Config(**{name: SECTIONS[name](**vals) for name, vals in values.items()})
+    config.validate()
+    return config
+

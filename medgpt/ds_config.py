@@ -1,0 +1,121 @@
+"""The DeepSpeed JSON: read it, fill its "auto" values from the training config (as the Hugging
+Face integration does), and refuse values that contradict the training config."""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from medgpt.config import Config
+from medgpt.errors import UserError
+
+# DeepSpeed prints its own progress every steps_per_print steps; medgpt logs instead.
+QUIET_STEPS_PER_PRINT = 10**9
+
+
+def load_ds_config(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"DeepSpeed config '{path}' does not exist; pass --ds_config "
+                        "(e.g. ds_configs/zero2.json)")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"DeepSpeed config '{path}' is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"DeepSpeed config '{path}' must be a JSON object")
+    return raw
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _fill(ds: dict[str, Any], problems: list[str], path: str, value: Any, source: str) -> None:
+    """Set ds[path] to value if missing or "auto"; otherwise it must already agree."""
+    *parents, leaf = path.split(".")
+    node = ds
+    for key in parents:
+        node = node.setdefault(key, {})
+    current = node.get(leaf, "auto")
+    if current == "auto":
+        node[leaf] = value
+    elif not _same(current, value):
+        problems.append(f"ds_config {path}={json.dumps(current)} disagrees with {source}={json.dumps(value)}; "
+                        f"make them equal or write \"auto\" in the JSON")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def _autos_left(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _autos_left(v, f"{prefix}{k}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []
+
+
+def resolve_ds_config(raw: dict[str, Any], cfg: Config, world_size: int, total_steps: int,
+                      hidden_size: int, on_gpu: bool) -> dict[str, Any]:
+    """A complete DeepSpeed config for this run. Every problem is reported at once."""
+    t, o = cfg.train, cfg.optim
+    if t.precision == "fp16" and not on_gpu:
+        raise UserError("precision fp16 needs a GPU (DeepSpeed's fp16 loss scaling is CUDA-only); "
+                        "use --precision bf16 or fp32 on CPU")
+    ds = copy.deepcopy(raw)
+    problems: list[str] = []
+    fill = functools.partial(_fill, ds, problems)
+
+    fill("train_micro_batch_size_per_gpu", t.micro_batch_size, "micro_batch_size")
+    fill("gradient_accumulation_steps", t.grad_accum, "grad_accum")
+    fill("train_batch_size", t.micro_batch_size * t.grad_accum * world_size,
+         f"micro_batch_size x grad_accum x world size ({t.micro_batch_size} x {t.grad_accum} x {world_size})")
+    fill("gradient_clipping", o.grad_clip, "grad_clip")
+    fill("bf16.enabled", t.precision == "bf16", f"precision={t.precision}")
+    fill("fp16.enabled", t.precision == "fp16", f"precision={t.precision}")
+
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    fill("optimizer.params.lr", o.lr, "lr")
+    fill("optimizer.params.weight_decay", o.weight_decay, "weight_decay")
+    fill("optimizer.params.betas", [o.adam_beta1, o.adam_beta2], "adam_beta1/adam_beta2")
+    fill("optimizer.params.eps", o.adam_eps, "adam_eps")
+
+    ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
+    sched = ds["scheduler"].get("type")
+    if sched == "WarmupCosineLR":
+        fill("scheduler.params.total_num_steps", total_steps, "the run's total steps")
+        fill("scheduler.params.warmup_num_steps", o.warmup_steps, "warmup_steps")
+        fill("scheduler.params.cos_min_ratio", o.min_lr_ratio, "min_lr_ratio")
+        fill("scheduler.params.warmup_min_ratio", 0.0, "warmup from 0")
+    elif sched in ("WarmupLR", "WarmupDecayLR"):
+        fill("scheduler.params.warmup_max_lr", o.lr, "lr")
+        fill("scheduler.params.warmup_min_lr", 0.0, "warmup from 0")
+        fill("scheduler.params.warmup_num_steps", o.warmup_steps, "warmup_steps")
+        if sched == "WarmupDecayLR":
+            fill("scheduler.params.total_num_steps", total_steps, "the run's total steps")
+
+    # Bucket sizes scale with the model width, as in the Hugging Face integration.
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+    ds.setdefault("steps_per_print", QUIET_STEPS_PER_PRINT)
+    leftover = _autos_left(ds)
+    if leftover:
+        problems.append(f"ds_config has \"auto\" where medgpt has no value: {', '.join(leftover)}; "
+                        "write a number there")
+    if problems:
+        raise UserError("DeepSpeed config does not fit the training config:\n  - " + "\n  - ".join(problems))
+    return ds

@@ -1,0 +1,165 @@
+"""The training loop, top to bottom: config -> data -> model -> engine -> loop -> metrics.
+
+Loss normalisation: the loss of one optimizer step is the summed cross-entropy of every answer
+token in the global batch (all ranks, all accumulation micro-steps) divided by the number of
+those tokens, so a step means the same thing whatever the world size or accumulation.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import yaml
+from tqdm import tqdm
+from transformers.integrations import HfDeepSpeedConfig
+
+from medgpt.config import Config
+from medgpt.data import ResumableDistributedSampler, eval_loader, tokenized_dataset, train_loader
+from medgpt.distributed import Dist, init_distributed
+from medgpt.ds_config import load_ds_config, resolve_ds_config
+from medgpt.errors import UserError
+from medgpt.loss import count_label_tokens, label_loss_sum
+from medgpt.metrics import MetricsLogger
+from medgpt.model import build_model, load_model_config, load_tokenizer
+from medgpt.pubmedqa import load_records, official_split
+
+
+@dataclass
+class TrainState:
+    """Where the run is. Everything a resumed run needs to continue at the next sample."""
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    consumed: int = 0  # global samples of this epoch already trained on
+
+
+@dataclass
+class StepStats:
+    loss: float
+    answer_tokens: int  # tokens carrying loss, all ranks
+    tokens: int  # non-pad tokens, all ranks
+
+
+def train_step(engine: deepspeed.DeepSpeedEngine, micro_batches: list[dict[str, torch.Tensor]],
+               dist: Dist) -> StepStats:
+    """One optimizer step over this rank's micro-batches."""
+    local_answer = sum(count_label_tokens(b["labels"]) for b in micro_batches)
+    local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    answer_tokens, tokens = dist.all_reduce_sum([local_answer, local_tokens])
+    # DeepSpeed averages gradients over ranks; multiplying by the world size turns that average
+    # back into the sum over the global batch, which we divide by its answer-token count.
+    scale = dist.world_size / max(answer_tokens, 1.0)
+    local_loss = 0.0
+    for batch in micro_batches:
+        batch = {k: v.to(dist.device) for k, v in batch.items()}
+        loss_sum = label_loss_sum(engine, batch)
+        engine.backward(loss_sum * scale, scale_wrt_gas=False)
+        engine.step()  # the optimizer steps only at the accumulation boundary
+        local_loss += loss_sum.item()
+    (loss,) = dist.all_reduce_sum([local_loss])
+    return StepStats(loss=loss / max(answer_tokens, 1.0), answer_tokens=int(answer_tokens), tokens=int(tokens))
+
+
+@torch.no_grad()
+def evaluate_loss(engine: deepspeed.DeepSpeedEngine, loader: torch.utils.data.DataLoader, dist: Dist) -> float:
+    """Mean answer-token loss over a held-out set (every rank takes part: ZeRO-3 needs it)."""
+    engine.eval()
+    loss_sum, count = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(dist.device) for k, v in batch.items()}
+        loss_sum += label_loss_sum(engine, batch).item()
+        count += count_label_tokens(batch["labels"])
+    engine.train()
+    total, n = dist.all_reduce_sum([loss_sum, count])
+    return total / max(n, 1.0)
+
+
+def train(cfg: Config) -> None:
+    dist = init_distributed()
+    t = cfg.train
+
+    # --- Everything that can be wrong with the input is checked before anything is written.
+    raw_ds_config = load_ds_config(t.ds_config)
+    records = load_records(cfg.data.data)
+    split = official_split(records, cfg.data.fold)
+    model_config = load_model_config(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    global_batch = t.micro_batch_size * t.grad_accum * dist.world_size
+    steps_per_epoch = len(split.train) // global_batch
+    if steps_per_epoch == 0:
+        raise UserError(f"global batch {global_batch} (micro_batch_size x grad_accum x world size) is larger "
+                        f"than the {len(split.train)} training questions; lower micro_batch_size or grad_accum")
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    ds_config = resolve_ds_config(raw_ds_config, cfg, dist.world_size, total_steps,
+                                  hidden_size=model_config.n_embd, on_gpu=dist.device.type == "cuda")
+
+    # --- Data: tokenized once per machine, then sharded.
+    tokens = tokenized_dataset(records, tokenizer, cfg.data, dist)
+    train_set, dev_set = tokens.select(split.train), tokens.select(split.dev)
+    pad_id = tokenizer.eos_token_id  # GPT-2 has no pad token; padded positions are masked anyway
+    sampler = ResumableDistributedSampler(train_set, dist, seed=t.seed)
+    loader = train_loader(train_set, sampler, t.micro_batch_size, pad_id)
+    dev_loader = eval_loader(dev_set, dist, t.micro_batch_size, pad_id)
+
+    output_dir = Path(t.output_dir)
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+
+    # --- Model and engine. The HfDeepSpeedConfig must stay alive for the whole run: transformers
+    # reads it to build under zero.Init and to keep ZeRO-3 ranks in step when generating.
+    hf_deepspeed_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    model = build_model(cfg.model, model_config, seed=t.seed)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    torch.manual_seed(t.seed + dist.rank)  # dropout masks differ across ranks, reproducibly
+
+    logger = MetricsLogger(output_dir) if dist.is_main else None
+    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not dist.is_main, dynamic_ncols=True)
+    state = TrainState()
+    window_start, window_tokens, window_samples = time.perf_counter(), 0, 0
+    while state.step < total_steps:
+        sampler.set_epoch(state.epoch, state.consumed)
+        batches = iter(loader)
+        steps_this_epoch = min(steps_per_epoch - state.consumed // global_batch, total_steps - state.step)
+        for _ in range(steps_this_epoch):
+            lr = engine.get_lr()[0]
+            stats = train_step(engine, [next(batches) for _ in range(t.grad_accum)], dist)
+            state.step += 1
+            state.consumed += global_batch
+            window_tokens += stats.tokens
+            window_samples += global_batch
+            bar.update(1)
+
+            if state.step % t.log_every == 0 or state.step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                scalars = {"train/loss": stats.loss, "train/lr": lr,
+                           "perf/tokens_per_s": window_tokens / elapsed,
+                           "perf/samples_per_s": window_samples / elapsed}
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    scalars["train/grad_norm"] = float(grad_norm)
+                if t.precision == "fp16":
+                    scalars["train/loss_scale"] = float(engine.optimizer.cur_scale)
+                if logger:
+                    logger.log(state.step, scalars)
+                    bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}")
+                window_start, window_tokens, window_samples = time.perf_counter(), 0, 0
+
+            if (t.eval_every and state.step % t.eval_every == 0) or state.step == total_steps:
+                eval_loss = evaluate_loss(engine, dev_loader, dist)
+                if logger:
+                    logger.log(state.step, {"eval/loss": eval_loss})
+                    bar.write(f"step {state.step}: eval loss {eval_loss:.4f}")
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+        if state.consumed // global_batch >= steps_per_epoch:
+            state.epoch += 1
+            state.consumed = 0
+
+    bar.close()
+    if logger:
+        logger.close()
+    torch.distributed.destroy_process_group()
