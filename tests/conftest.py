@@ -1,0 +1,72 @@
+"""Shared helpers: real subprocesses running the real entry point on the real shared data."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+ORI_JSON = SHARED / "pubmedqa" / "ori_pqal.json"
+PARQUET_DIR = SHARED / "pubmedqa" / "hf" / "pqa_labeled"
+GROUND_TRUTH = SHARED / "pubmedqa" / "test_ground_truth.json"
+TOKENIZER = SHARED / "gpt2-tokenizer"
+TINY_MODEL = REPO / "configs" / "models" / "tiny.json"
+TRAIN_PY = str(REPO / "launcher" / "train.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tokenized-data cache for the whole session (tokenize once, like real runs)."""
+    return tmp_path_factory.mktemp("medgpt-cache")
+
+
+def tiny_args(output_dir: Path, cache_dir: Path, **overrides: object) -> list[str]:
+    """Flags for a fast fp32 run of the tiny model on the shared data."""
+    flags: dict[str, object] = dict(
+        model=TINY_MODEL, tokenizer=TOKENIZER, data=ORI_JSON, cache_dir=cache_dir, output_dir=output_dir,
+        precision="fp32", dropout=0.0, seq_len=384, micro_batch_size=2, grad_accum=2, max_steps=10,
+        lr=1e-3, warmup_steps=2, log_every=1, eval_every=5, ds_config=REPO / "ds_configs" / "zero0.json",
+    )
+    flags.update(overrides)
+    return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+
+
+def launch(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = 600,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run launcher/train.py as a user would: plain python, torchrun or the deepspeed launcher."""
+    bindir = Path(sys.executable).parent
+    if launcher == "python":
+        cmd = [sys.executable, TRAIN_PY]
+    elif launcher == "torchrun":
+        cmd = [str(bindir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+               TRAIN_PY]
+    elif launcher == "deepspeed":
+        cmd = [str(bindir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), TRAIN_PY]
+    else:
+        raise ValueError(launcher)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd + args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+
+
+def read_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a run, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(output_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

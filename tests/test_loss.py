@@ -1,0 +1,37 @@
+"""The LM head is computed only where labels are: same loss and gradients as the full head."""
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import TINY_MODEL
+from medgpt.loss import count_label_tokens, label_loss_sum
+from medgpt.prompt import IGNORE_INDEX
+
+
+def test_label_positions_only_head_matches_full_head():
+    torch.manual_seed(0)
+    config = GPT2Config.from_json_file(str(TINY_MODEL))
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0  # two forwards, same masks
+    model = GPT2LMHeadModel(config)
+    input_ids = torch.randint(0, 50000, (3, 40))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 30:] = 0  # a right-padded row
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[0, 20:23] = input_ids[0, 20:23]
+    labels[1, 28:30] = input_ids[1, 28:30]
+    labels[2, 39] = input_ids[2, 39]
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    fast = label_loss_sum(model, batch)
+    fast.backward()
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    full = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    full.backward()
+    assert count_label_tokens(labels) == 6
+    torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-5)
+    for fast_grad, p in zip(fast_grads, model.parameters()):
+        torch.testing.assert_close(fast_grad, p.grad, rtol=1e-5, atol=1e-6)
