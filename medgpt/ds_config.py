@@ -89,11 +89,11 @@ def resolve_ds_config(raw: dict[str, Any], cfg: Config, world_size: int, total_s
     fill("optimizer.params.betas", [o.adam_beta1, o.adam_beta2], "adam_beta1/adam_beta2")
     fill("optimizer.params.eps", o.adam_eps, "adam_eps")
 
-    ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
-    sched = ds["scheduler"].get("type")
+    # No "scheduler" section: medgpt's own warmup + cosine (medgpt/lr_schedule.py) is used.
+    sched = ds.get("scheduler", {}).get("type")
     if sched == "WarmupCosineLR":
         fill("scheduler.params.total_num_steps", total_steps, "the run's total steps")
-        fill("scheduler.params.warmup_num_steps", o.warmup_steps, "warmup_steps")
+        fill("scheduler.params.warmup_num_steps", max(1, o.warmup_steps), "warmup_steps (at least 1)")
         fill("scheduler.params.cos_min_ratio", o.min_lr_ratio, "min_lr_ratio")
         fill("scheduler.params.warmup_min_ratio", 0.0, "warmup from 0")
     elif sched in ("WarmupLR", "WarmupDecayLR"):

@@ -3,10 +3,12 @@ from a GPT2Config .json (configs/models/)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
+from transformers.integrations import HfDeepSpeedConfig
 
 from medgpt.config import ModelConfig
 from medgpt.errors import UserError
@@ -51,15 +53,17 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_model(cfg: ModelConfig, config: PretrainedConfig, seed: int) -> PreTrainedModel:
-    """The model to train. Random init is seeded, so every rank builds the same weights.
+def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str, Any], seed: int) -> PreTrainedModel:
+    """The model to train, identical on every rank and for every ZeRO stage.
 
-    Under ZeRO-3 the caller must hold a live ``HfDeepSpeedConfig`` (see train.py): transformers
-    then builds the model inside deepspeed.zero.Init (partitioned as it is created) and gathers
-    each partitioned parameter to run its own weight init, so the weights equal a non-ZeRO build
-    with the same seed.
+    A random init is built whole on each rank and partitioned by DeepSpeed at initialize:
+    under zero.Init transformers draws the same distributions in another RNG order, so the
+    weights would depend on the ZeRO stage. (The GPT-2 family, 1.5B parameters at most, fits in
+    host memory.) Pretrained weights involve no RNG: under ZeRO-3 they load inside zero.Init
+    through transformers' DeepSpeed integration, so no rank ever holds the whole model.
     """
     transformers.set_seed(seed)
     if _is_config_file(cfg.model):
         return AutoModelForCausalLM.from_config(config)
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers reads it while loading)
     return AutoModelForCausalLM.from_pretrained(cfg.model, config=config)

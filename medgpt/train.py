@@ -6,6 +6,7 @@ those tokens, so a step means the same thing whatever the world size or accumula
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from medgpt.distributed import Dist, init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config
 from medgpt.errors import UserError
 from medgpt.loss import count_label_tokens, label_loss_sum
+from medgpt.lr_schedule import warmup_cosine
 from medgpt.metrics import MetricsLogger
 from medgpt.model import build_model, load_model_config, load_tokenizer
 from medgpt.pubmedqa import load_records, official_split
@@ -41,6 +43,7 @@ class StepStats:
     loss: float
     answer_tokens: int  # tokens carrying loss, all ranks
     tokens: int  # non-pad tokens, all ranks
+    grad_norm: float  # before clipping
 
 
 def train_step(engine: deepspeed.DeepSpeedEngine, micro_batches: list[dict[str, torch.Tensor]],
@@ -52,15 +55,29 @@ def train_step(engine: deepspeed.DeepSpeedEngine, micro_batches: list[dict[str, 
     # DeepSpeed averages gradients over ranks; multiplying by the world size turns that average
     # back into the sum over the global batch, which we divide by its answer-token count.
     scale = dist.world_size / max(answer_tokens, 1.0)
-    local_loss = 0.0
-    for batch in micro_batches:
+    local_loss, grad_norm = 0.0, None
+    for i, batch in enumerate(micro_batches):
         batch = {k: v.to(dist.device) for k, v in batch.items()}
         loss_sum = label_loss_sum(engine, batch)
         engine.backward(loss_sum * scale, scale_wrt_gas=False)
+        if i == len(micro_batches) - 1:
+            grad_norm = unreported_grad_norm(engine)
         engine.step()  # the optimizer steps only at the accumulation boundary
         local_loss += loss_sum.item()
     (loss,) = dist.all_reduce_sum([local_loss])
-    return StepStats(loss=loss / max(answer_tokens, 1.0), answer_tokens=int(answer_tokens), tokens=int(tokens))
+    if grad_norm is None:
+        grad_norm = float(engine.get_global_grad_norm())
+    return StepStats(loss=loss / max(answer_tokens, 1.0), answer_tokens=int(answer_tokens), tokens=int(tokens),
+                     grad_norm=grad_norm)
+
+
+def unreported_grad_norm(engine: deepspeed.DeepSpeedEngine) -> float | None:
+    """The gradient norm where DeepSpeed does not report one (ZeRO-0 in fp32 clips without
+    keeping the norm). Called after the last backward, when the gradients are all-reduced."""
+    if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads))
 
 
 @torch.no_grad()
@@ -110,11 +127,15 @@ def train(cfg: Config) -> None:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 
-    # --- Model and engine. The HfDeepSpeedConfig must stay alive for the whole run: transformers
-    # reads it to build under zero.Init and to keep ZeRO-3 ranks in step when generating.
+    # --- Model and engine. The HfDeepSpeedConfig stays alive for the whole run: transformers
+    # reads it to keep ZeRO-3 ranks in step when generating.
+    model = build_model(cfg.model, model_config, ds_config, seed=t.seed)
     hf_deepspeed_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
-    model = build_model(cfg.model, model_config, seed=t.seed)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    schedule = None if "scheduler" in ds_config else functools.partial(
+        warmup_cosine, warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps,
+        min_ratio=cfg.optim.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
+                                           lr_scheduler=schedule)
     torch.manual_seed(t.seed + dist.rank)  # dropout masks differ across ranks, reproducibly
 
     logger = MetricsLogger(output_dir) if dist.is_main else None
@@ -136,12 +157,9 @@ def train(cfg: Config) -> None:
 
             if state.step % t.log_every == 0 or state.step == total_steps:
                 elapsed = time.perf_counter() - window_start
-                scalars = {"train/loss": stats.loss, "train/lr": lr,
+                scalars = {"train/loss": stats.loss, "train/lr": lr, "train/grad_norm": stats.grad_norm,
                            "perf/tokens_per_s": window_tokens / elapsed,
                            "perf/samples_per_s": window_samples / elapsed}
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    scalars["train/grad_norm"] = float(grad_norm)
                 if t.precision == "fp16":
                     scalars["train/loss_scale"] = float(engine.optimizer.cur_scale)
                 if logger:

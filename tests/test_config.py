@@ -46,6 +46,7 @@ def resolve(raw, world_size=2, **flags):
 
 def test_auto_values_come_from_the_training_config():
     raw = load_ds_config(str(REPO / "ds_configs" / "zero3.json"))
+    raw["scheduler"] = {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "warmup_num_steps": "auto"}}
     ds = resolve(raw, micro_batch_size=3, grad_accum=5, lr=0.01, weight_decay=0.1, grad_clip=0.5,
                  precision="fp32", warmup_steps=7)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 5, 30)
