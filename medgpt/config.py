@@ -67,6 +67,9 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 0  # held-out loss every N steps (0: only at the end)
     log_every: int = 1
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    keep_last: int = 2  # checkpoints kept (0: all)
+    resume: str = "auto"  # auto (latest in output_dir, if any) | none | a checkpoint path
 
 
 @dataclass
@@ -88,7 +91,7 @@ class Config:
         for name in ("micro_batch_size", "grad_accum", "log_every"):
             if getattr(t, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(t, name)})")
-        for name in ("epochs", "max_steps", "eval_every"):
+        for name in ("epochs", "max_steps", "eval_every", "save_every", "keep_last"):
             if getattr(t, name) < 0:
                 problems.append(f"{name} must be >= 0 (got {getattr(t, name)})")
         if t.epochs == 0 and t.max_steps == 0:

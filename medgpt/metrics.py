@@ -7,8 +7,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path) -> None:
-        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+    def __init__(self, output_dir: Path, purge_step: int | None = None) -> None:
+        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=purge_step)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         for tag, value in scalars.items():

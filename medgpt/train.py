@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,24 +19,20 @@ import yaml
 from tqdm import tqdm
 from transformers.integrations import HfDeepSpeedConfig
 
+from medgpt.checkpoint import (TrainState, check_same_model, checkpoint_root, convert_to_universal, find_checkpoint,
+                               load_checkpoint, model_shape, read_meta, save_checkpoint)
 from medgpt.config import Config
 from medgpt.data import ResumableDistributedSampler, eval_loader, tokenized_dataset, train_loader
 from medgpt.distributed import Dist, init_distributed
-from medgpt.ds_config import load_ds_config, resolve_ds_config
+from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from medgpt.errors import UserError
+from medgpt.export import export_checkpoint
 from medgpt.loss import count_label_tokens, label_loss_sum
 from medgpt.lr_schedule import warmup_cosine
 from medgpt.metrics import MetricsLogger
 from medgpt.model import build_model, load_model_config, load_tokenizer
+from medgpt.preemption import PREEMPTED_EXIT, StopRequest
 from medgpt.pubmedqa import load_records, official_split
-
-
-@dataclass
-class TrainState:
-    """Where the run is. Everything a resumed run needs to continue at the next sample."""
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    consumed: int = 0  # global samples of this epoch already trained on
 
 
 @dataclass
@@ -94,7 +91,19 @@ def evaluate_loss(engine: deepspeed.DeepSpeedEngine, loader: torch.utils.data.Da
     return total / max(n, 1.0)
 
 
+def _accumulation_for(saved: dict, micro_batch_size: int, world_size: int) -> int:
+    """Accumulation that keeps a resumed run's global batch equal to the checkpoint's."""
+    global_batch = saved["global_batch"]
+    accum, rest = divmod(global_batch, micro_batch_size * world_size)
+    if rest or accum == 0:
+        raise UserError(f"the checkpoint's global batch {global_batch} is not micro_batch_size x world size "
+                        f"({micro_batch_size} x {world_size}) times a whole accumulation; pick a micro_batch_size "
+                        "that divides it")
+    return accum
+
+
 def train(cfg: Config) -> None:
+    stop_request = StopRequest()  # first: a signal that arrives during start-up is not lost
     dist = init_distributed()
     t = cfg.train
 
@@ -104,6 +113,18 @@ def train(cfg: Config) -> None:
     split = official_split(records, cfg.data.fold)
     model_config = load_model_config(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
+    resume_from = find_checkpoint(t.resume, t.output_dir)
+    if resume_from is None and t.resume == "none" and checkpoint_root(t.output_dir).exists():
+        raise UserError(f"output_dir '{t.output_dir}' already holds checkpoints and --resume none would overwrite "
+                        "them; use --resume auto to continue, or another --output_dir")
+    saved = read_meta(resume_from) if resume_from else None
+    if saved:
+        check_same_model(saved, model_config, resume_from)
+        accum = _accumulation_for(saved, t.micro_batch_size, dist.world_size)
+        if accum != t.grad_accum and dist.is_main:
+            print(f"medgpt: grad_accum {t.grad_accum} -> {accum} keeps the checkpoint's global batch "
+                  f"{saved['global_batch']} on {dist.world_size} rank(s)", flush=True)
+        t.grad_accum = accum
     global_batch = t.micro_batch_size * t.grad_accum * dist.world_size
     steps_per_epoch = len(split.train) // global_batch
     if steps_per_epoch == 0:
@@ -112,6 +133,15 @@ def train(cfg: Config) -> None:
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     ds_config = resolve_ds_config(raw_ds_config, cfg, dist.world_size, total_steps,
                                   hidden_size=model_config.n_embd, on_gpu=dist.device.type == "cuda")
+    if saved and saved["train_state"]["step"] >= total_steps:
+        if dist.is_main:
+            print(f"medgpt: {resume_from} already finished all {total_steps} steps; nothing to do", flush=True)
+        return
+    # A ZeRO checkpoint is partitioned per rank: on another world size it loads through
+    # DeepSpeed's universal format.
+    reshard = bool(saved) and saved["world_size"] != dist.world_size and saved["zero_stage"] > 0
+    if reshard:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
 
     # --- Data: tokenized once per machine, then sharded.
     tokens = tokenized_dataset(records, tokenizer, cfg.data, dist)
@@ -137,10 +167,17 @@ def train(cfg: Config) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                            lr_scheduler=schedule)
     torch.manual_seed(t.seed + dist.rank)  # dropout masks differ across ranks, reproducibly
-
-    logger = MetricsLogger(output_dir) if dist.is_main else None
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not dist.is_main, dynamic_ncols=True)
     state = TrainState()
+    if resume_from:
+        state = load_checkpoint(engine, convert_to_universal(resume_from, dist) if reshard else resume_from, dist)
+    checkpoint_meta = {"global_batch": global_batch, "zero_stage": zero_stage(ds_config),
+                       "model_shape": model_shape(model_config), "model_config": model_config.to_dict(),
+                       "config": cfg.to_dict()}
+
+    # A resumed run drops any events the earlier run logged after its checkpoint.
+    logger = MetricsLogger(output_dir, purge_step=state.step + 1 if resume_from else None) if dist.is_main else None
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not dist.is_main,
+               dynamic_ncols=True)
     window_start, window_tokens, window_samples = time.perf_counter(), 0, 0
     while state.step < total_steps:
         sampler.set_epoch(state.epoch, state.consumed)
@@ -173,11 +210,27 @@ def train(cfg: Config) -> None:
                     logger.log(state.step, {"eval/loss": eval_loss})
                     bar.write(f"step {state.step}: eval loss {eval_loss:.4f}")
                 window_start = time.perf_counter()  # evaluation time is not training throughput
+
+            if state.step < total_steps and stop_request.agreed(dist):
+                save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
+                if dist.is_main:
+                    bar.write(f"medgpt: stop requested (SIGUSR1): saved step {state.step}, exiting "
+                              f"with {PREEMPTED_EXIT} so the job can be requeued and resume")
+                raise SystemExit(PREEMPTED_EXIT)
+            if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
+                save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
         if state.consumed // global_batch >= steps_per_epoch:
             state.epoch += 1
             state.consumed = 0
 
     bar.close()
+    final = save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
+    if dist.is_main:
+        export = output_dir / "export"
+        shutil.rmtree(export, ignore_errors=True)  # medgpt's own output, replaced by the newer weights
+        export_checkpoint(final, export)
+        bar.write(f"exported {export}")
+    dist.barrier()
     if logger:
         logger.close()
     torch.distributed.destroy_process_group()

@@ -1,0 +1,26 @@
+"""Stop on request: SLURM's warning signal before a time limit or preemption (SIGUSR1) makes
+every rank save a checkpoint at the next step boundary and exit with PREEMPTED_EXIT."""
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+from medgpt.distributed import Dist
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" -- the job script requeues itself
+
+
+class StopRequest:
+    """Set by SIGUSR1 on whichever ranks receive it; agreed on by all ranks each step."""
+
+    def __init__(self) -> None:
+        self._received = False
+        signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._received = True  # only a flag: the save happens in the loop, collectively
+
+    def agreed(self, dist: Dist) -> bool:
+        """True on every rank once any rank has received the signal (one tiny all-reduce)."""
+        (count,) = dist.all_reduce_sum([float(self._received)])
+        return count > 0

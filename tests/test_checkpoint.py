@@ -1,0 +1,202 @@
+"""Checkpoints: exact resume, resume on another world size, crash safety, export."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO, check_ok, free_port, launch, read_scalars, tiny_args
+
+STEPS = 8
+
+
+def ckpt_args(out, cache, stage, **overrides):
+    return tiny_args(out, cache, max_steps=STEPS, save_every=4, keep_last=0, eval_every=0,
+                     ds_config=REPO / "ds_configs" / f"zero{stage}.json", **overrides)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_cache):
+    """Uninterrupted 8-step runs on 2 ranks, one per ZeRO stage, saving at steps 4 and 8 (made on
+    first use and shared by the tests below)."""
+    made = {}
+
+    def get(stage):
+        if stage not in made:
+            out = tmp_path_factory.mktemp(f"zero{stage}")
+            check_ok(launch(ckpt_args(out, data_cache, stage), launcher="torchrun", nproc=2))
+            made[stage] = out
+        return made[stage]
+    return get
+
+
+def stopped_at_step4(run, dest):
+    """A copy of a run as it was right after its step-4 checkpoint: what a stopped run leaves."""
+    shutil.copytree(run / "checkpoints" / "step4", dest / "checkpoints" / "step4")
+    (dest / "checkpoints" / "latest").write_text("step4")
+    shutil.copytree(run / "tensorboard", dest / "tensorboard")  # holds steps 1-8: 5-8 get purged
+    return dest
+
+
+def losses(out):
+    return read_scalars(out)["train/loss"]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_resume_mid_epoch_is_bit_exact(runs, tmp_path, data_cache, stage):
+    reference = runs(stage)
+    resumed = stopped_at_step4(reference, tmp_path / "resumed")
+    check_ok(launch(ckpt_args(resumed, data_cache, stage), launcher="torchrun", nproc=2))
+    got, want = losses(resumed), losses(reference)
+    assert [s for s, _ in got] == list(range(1, STEPS + 1))  # one point per step, no duplicates
+    assert got[4:] == want[4:]  # steps 5-8: the same loss bit for bit
+    meta = json.loads((resumed / "checkpoints" / "step8" / "medgpt.json").read_text())
+    assert meta["train_state"] == {"step": 8, "epoch": 0, "consumed": 64}  # mid-epoch: 450 questions
+
+
+@pytest.mark.parametrize("saved_ranks, resumed_ranks", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(runs, tmp_path, data_cache, saved_ranks, resumed_ranks):
+    """ZeRO-2 through DeepSpeed's universal checkpoint; accumulation adapts to keep the global batch."""
+    if saved_ranks == 2:
+        reference = runs(2)
+    else:
+        reference = tmp_path / "one-rank"
+        check_ok(launch(ckpt_args(reference, data_cache, 2, grad_accum=4)))
+    resumed = stopped_at_step4(reference, tmp_path / "resumed")
+    proc = launch(ckpt_args(resumed, data_cache, 2), launcher="torchrun", nproc=resumed_ranks)
+    check_ok(proc)
+    assert (resumed / "checkpoints" / "step4_universal").is_dir()
+    meta = json.loads((resumed / "checkpoints" / "step8" / "medgpt.json").read_text())
+    assert meta["global_batch"] == 8 and meta["world_size"] == resumed_ranks
+    assert meta["config"]["train"]["grad_accum"] == 8 // (2 * resumed_ranks)
+    assert meta["train_state"]["consumed"] == 64
+    for (step, value), (_, expected) in zip(losses(resumed)[4:], losses(reference)[4:]):
+        assert math.isclose(value, expected, rel_tol=1e-4), (step, value, expected)
+
+
+def test_keep_last(tmp_path, data_cache):
+    out = tmp_path / "run"
+    check_ok(launch(tiny_args(out, data_cache, max_steps=6, save_every=1, keep_last=2, eval_every=0)))
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step5", "step6"]
+    assert (root / "latest").read_text() == "step6"
+
+
+def test_finished_run_is_not_restarted(runs, data_cache):
+    run = runs(0)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    proc = launch(ckpt_args(run, data_cache, 0))
+    check_ok(proc)
+    assert "already finished" in proc.stdout
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+KILL_DURING_SAVE = """
+import os, signal, torch
+_save = torch.save
+def save(obj, f, *args, **kwargs):
+    # Die (SIGKILL, no cleanup) halfway through writing the step-4 checkpoint.
+    if "step4" in str(f) and "optim_states" in str(f):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _save(obj, f, *args, **kwargs)
+torch.save = save
+"""
+
+
+def test_sigkill_during_save_keeps_latest_complete(tmp_path, data_cache):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_DURING_SAVE)
+    out = tmp_path / "run"
+    args = tiny_args(out, data_cache, max_steps=6, save_every=2, keep_last=0, eval_every=0,
+                     ds_config=REPO / "ds_configs" / "zero2.json")
+    proc = launch(args, env={"PYTHONPATH": str(hook)})
+    assert proc.returncode == -9
+    assert (out / "checkpoints" / "step4").is_dir()  # the save had begun...
+    assert (out / "checkpoints" / "latest").read_text() == "step2"  # ...but latest still names step 2
+    check_ok(launch(args))  # resume auto from step 2, redo steps 3-6
+    assert (out / "checkpoints" / "latest").read_text() == "step6"
+    assert [s for s, _ in losses(out)] == list(range(1, 7))
+
+
+def test_checkpoint_of_another_model_is_refused(runs, tmp_path, data_cache):
+    wider = tmp_path / "wider.json"
+    config = json.loads((REPO / "configs" / "models" / "tiny.json").read_text())
+    wider.write_text(json.dumps({**config, "n_embd": 128}))
+    proc = launch(ckpt_args(tmp_path / "new", data_cache, 0, model=wider,
+                            resume=runs(0) / "checkpoints" / "step4"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "another model shape (n_embd: checkpoint 64 vs model 128)" in proc.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def logits_of(model):
+    with torch.no_grad():
+        return model(input_ids=torch.arange(100, 164).reshape(2, 32)).logits
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_export_matches_engine_and_zero_to_fp32(runs, tmp_path, stage):
+    run = runs(stage)
+    exported = AutoModelForCausalLM.from_pretrained(run / "export").eval()  # written at the end of training
+    assert exported.lm_head.weight.data_ptr() == exported.transformer.wte.weight.data_ptr()
+    assert {p.name for p in (run / "export").iterdir()} >= {"config.json", "model.safetensors",
+                                                            "generation_config.json", "tokenizer.json"}
+    # The engine's own logits, from the same checkpoint on 2 ranks.
+    engine_out = tmp_path / "engine_logits.pt"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                           str(REPO / "tests" / "engine_logits.py"), str(run / "checkpoints" / "step8"),
+                           str(engine_out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    check_ok(proc)
+    torch.testing.assert_close(logits_of(exported), torch.load(engine_out), rtol=0, atol=1e-6)
+    # DeepSpeed's own consolidation script on the same checkpoint.
+    if stage > 0:
+        fp32 = tmp_path / "zero_to_fp32"
+        subprocess.run([sys.executable, str(run / "checkpoints" / "zero_to_fp32.py"), str(run / "checkpoints"),
+                        str(fp32), "--tag", "step8", "--safe_serialization"], check=True, capture_output=True)
+        from safetensors.torch import load_file
+        state = {k: v for f in fp32.glob("*.safetensors") for k, v in load_file(f).items()}
+        reference = AutoModelForCausalLM.from_pretrained(run / "export").eval()
+        reference.load_state_dict(state, strict=False)
+        torch.testing.assert_close(logits_of(exported), logits_of(reference), rtol=0, atol=1e-6)
+
+
+def test_export_cli_refuses_to_overwrite(runs, tmp_path):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    proc = subprocess.run([sys.executable, str(REPO / "launcher" / "export.py"), "--checkpoint", str(runs(0)),
+                           "--output", str(target)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not empty" in proc.stderr and (target / "keep.txt").read_text() == "mine"
+    proc = subprocess.run([sys.executable, str(REPO / "launcher" / "export.py"), "--checkpoint", str(runs(0)),
+                           "--output", str(tmp_path / "bf16"), "--dtype", "bf16"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+
+
+def test_sigusr1_saves_exits_75_and_resume_finishes(tmp_path, data_cache):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = tiny_args(out, data_cache, max_steps=400, eval_every=0, log_every=1)
+    from conftest import TRAIN_PY
+    import os
+    proc = subprocess.Popen([sys.executable, TRAIN_PY, *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not list((out / "tensorboard").glob("events*")) and time.time() < deadline:
+        time.sleep(0.2)  # training has started once rank 0 logged a step
+    proc.send_signal(signal.SIGUSR1)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, output[-3000:]
+    step = int((out / "checkpoints" / "latest").read_text().removeprefix("step"))
+    assert 1 <= step < 400 and "stop requested" in output
+    check_ok(launch(tiny_args(out, data_cache, max_steps=400, eval_every=0, log_every=1)))
+    assert [s for s, _ in losses(out)] == list(range(1, 401))
