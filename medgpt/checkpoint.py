@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from medgpt.distributed import Dist
@@ -82,7 +84,9 @@ def save_checkpoint(engine: Any, output_dir: str | Path, state: TrainState, meta
     root = checkpoint_root(output_dir)
     tag = _tag(state.step)
     tag_dir = root / tag
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # ends with a barrier
+    # The universal-checkpoint info is what ds_to_universal needs to reshard this tag later.
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False, client_state={
+        UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
     torch.save(_capture_rng(), _rng_file(tag_dir, dist.rank, mkdir=True))
     if dist.is_main:
         tokenizer.save_pretrained(str(tag_dir / "tokenizer"))
