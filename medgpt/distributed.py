@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,10 @@ def init_distributed() -> Dist:
     Both launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. A plain
     ``python launcher/train.py`` has none of them: it becomes rank 0 of 1 on a free local port.
     """
+    # DeepSpeed JIT-compiles ops into TORCH_EXTENSIONS_DIR; one folder per environment keeps two
+    # virtualenvs on one host from rebuilding each other's ops at every start.
+    if os.access(sys.prefix, os.W_OK):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     import deepspeed  # slow import: only when a job really starts
 
     if "RANK" not in os.environ:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config
+from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
 from medgpt.checkpoint import LATEST_FILE, META_FILE, read_meta
 from medgpt.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODEL_STATES = "mp_rank_00_model_states.pt"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0's full module state
 
 
 def resolve_tag_dir(checkpoint: str | Path) -> Path:
@@ -26,8 +26,8 @@ def resolve_tag_dir(checkpoint: str | Path) -> Path:
         if (root / LATEST_FILE).is_file():
             path = root / (root / LATEST_FILE).read_text().strip()
             break
-    if not (path / META_FILE).is_file() or not (path / MODEL_STATES).is_file():
-        raise UserError(f"'{checkpoint}' is not a medgpt checkpoint (no {META_FILE} / {MODEL_STATES}); pass "
+    if not (path / META_FILE).is_file():
+        raise UserError(f"'{checkpoint}' is not a medgpt checkpoint (no {META_FILE}); pass "
                         "a run's output_dir, its checkpoints folder or one of its step<N> folders")
     return path
 
@@ -54,8 +54,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "
                         "weights live in the optimizer state; train with ZeRO >= 1 or fp32")
     config = GPT2Config.from_dict(meta["model_config"])
     state = fp32_state_dict(tag_dir)
+    # The plain constructor, not from_config: inside a ZeRO-3 run (a live HfDeepSpeedConfig)
+    # from_config would build under zero.Init, a collective that rank 0 alone would hang in.
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = GPT2LMHeadModel(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     # lm_head.weight is wte.weight (tied); DeepSpeed stores the shared tensor once.
     if unexpected or set(missing) - {"lm_head.weight"}:

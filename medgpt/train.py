@@ -225,12 +225,12 @@ def train(cfg: Config) -> None:
 
     bar.close()
     final = save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
+    if logger:
+        logger.close()
+    torch.distributed.destroy_process_group()
+    # Rank 0 exports alone, after the process group is gone: no rank waits on it in a collective.
     if dist.is_main:
         export = output_dir / "export"
         shutil.rmtree(export, ignore_errors=True)  # medgpt's own output, replaced by the newer weights
         export_checkpoint(final, export)
-        bar.write(f"exported {export}")
-    dist.barrier()
-    if logger:
-        logger.close()
-    torch.distributed.destroy_process_group()
+        print(f"medgpt: exported {export}", flush=True)
