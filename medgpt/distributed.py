@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -30,6 +31,14 @@ class Dist:
         if self.world_size > 1:
             torch_dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(gathered, obj)
+        return gathered
 
 
 def _free_port() -> int:
