@@ -47,6 +47,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launched_with_ranks() -> bool:
+    """True under torchrun / the deepspeed launcher (they export RANK)."""
+    return "RANK" in os.environ
+
+
+def single_process(device: torch.device) -> Dist:
+    """Rank 0 of 1 with no process group, for jobs that exchange nothing when alone (and so
+    need not import DeepSpeed)."""
+    return Dist(rank=0, world_size=1, local_rank=0, device=device)
+
+
 def init_distributed() -> Dist:
     """Join the process group set up by torchrun / the deepspeed launcher (or run alone).
 

@@ -12,9 +12,9 @@ import torch
 
 from medgpt.answer_metrics import answer_metrics, check_predictions, format_table
 from medgpt.config import HUB_DATASET, ModelConfig
-from medgpt.distributed import init_distributed
+from medgpt.distributed import init_distributed, launched_with_ranks, single_process
 from medgpt.errors import UserError
-from medgpt.evaluate import evaluate_records
+from medgpt.evaluate import evaluate_records, write_results
 from medgpt.inference import pick_device
 from medgpt.model import check_model_folder, load_saved_model, load_tokenizer
 from medgpt.pubmedqa import DECISIONS, NUM_FOLDS, Record, load_records, official_split
@@ -59,14 +59,6 @@ def split_records(request: EvalRequest) -> list[Record]:
     return [records[i] for i in getattr(official_split(records, request.fold), request.split)]
 
 
-def write_results(output_dir: Path, predictions: dict[str, str | None], metrics: dict[str, Any],
-                  prefix: str = "") -> None:
-    """``<prefix>predictions.json`` ({pmid: decision}, the official format) and ``<prefix>metrics.json``."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"{prefix}predictions.json").write_text(json.dumps(predictions, indent=1))
-    (output_dir / f"{prefix}metrics.json").write_text(json.dumps(metrics, indent=2))
-
-
 def _read_predictions(path: str) -> dict[str, Any]:
     try:
         predictions = json.loads(Path(path).read_text())
@@ -98,7 +90,8 @@ def run_evaluation(request: EvalRequest) -> None:
         return
     check_model_folder(request.model)
     records = split_records(request)
-    dist = init_distributed()
+    # Alone: no process group. Under torchrun: each rank scores a shard, all get every answer.
+    dist = init_distributed() if launched_with_ranks() else single_process(torch.device("cpu"))
     dist = dataclasses.replace(dist, device=pick_device(request.device, dist.local_rank))
     model = load_saved_model(request.model, dist.device)
     tokenizer = load_tokenizer(ModelConfig(model=request.model, tokenizer=request.tokenizer))
@@ -113,4 +106,5 @@ def run_evaluation(request: EvalRequest) -> None:
         write_results(request.output_dir, evaluation.predictions(records), metrics)
         print(format_table(metrics, f"{request.model} on PubMedQA {request.split} ({request.mode})"))
         print(f"wrote {request.output_dir / 'predictions.json'} and metrics.json")
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

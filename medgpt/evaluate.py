@@ -8,8 +8,10 @@ forwards (ZeRO-3 needs all ranks in each) and every rank gets all answers back i
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -128,3 +130,16 @@ def evaluate_records(model: Any, tokenizer: PreTrainedTokenizerBase, records: li
     else:
         answers = score_generate(model, tokenizer, rows, dist, seq_len, progress)
     return Evaluation(answers, answer_metrics([r.final_decision for r in records], answers.decisions))
+
+
+def metric_scalars(evaluation: Evaluation, prefix: str) -> dict[str, float]:
+    """TensorBoard scalars of an evaluation: ``<prefix>/accuracy``, ``<prefix>/macro_f1``."""
+    return {f"{prefix}/{name}": evaluation.metrics[name] for name in ("accuracy", "macro_f1")}
+
+
+def write_results(output_dir: Path, predictions: dict[str, str | None], metrics: dict[str, Any],
+                  prefix: str = "") -> None:
+    """``<prefix>predictions.json`` ({pmid: decision}, the official format) and ``<prefix>metrics.json``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{prefix}predictions.json").write_text(json.dumps(predictions, indent=1))
+    (output_dir / f"{prefix}metrics.json").write_text(json.dumps(metrics, indent=2))
