@@ -47,25 +47,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launched_with_ranks() -> bool:
-    """True under torchrun / the deepspeed launcher (they export RANK)."""
-    return "RANK" in os.environ
-
-
-def single_process(device: torch.device) -> Dist:
-    """Rank 0 of 1 with no process group, for jobs that exchange nothing when alone (and so
-    need not import DeepSpeed)."""
-    return Dist(rank=0, world_size=1, local_rank=0, device=device)
-
-
-def init_distributed() -> Dist:
+def init_distributed(deepspeed_comm: bool = True) -> Dist:
     """Join the process group set up by torchrun / the deepspeed launcher (or run alone).
 
     Both launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. A plain
     ``python launcher/train.py`` has none of them: it becomes rank 0 of 1 on a free local port.
+    ``deepspeed_comm=False`` joins through torch.distributed alone, for jobs without a DeepSpeed
+    engine (evaluation): no DeepSpeed import, no communication op to build.
     """
-    import deepspeed  # slow import: only when a job really starts
-
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -76,5 +65,10 @@ def init_distributed() -> Dist:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if deepspeed_comm:
+        import deepspeed  # slow import: only when a job really starts
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    else:
+        torch_dist.init_process_group(backend=backend)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)

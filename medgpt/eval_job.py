@@ -12,7 +12,7 @@ import torch
 
 from medgpt.answer_metrics import answer_metrics, check_predictions, format_table
 from medgpt.config import HUB_DATASET, ModelConfig
-from medgpt.distributed import init_distributed, launched_with_ranks, single_process
+from medgpt.distributed import init_distributed
 from medgpt.errors import UserError
 from medgpt.evaluate import evaluate_records, write_results
 from medgpt.inference import pick_device
@@ -90,8 +90,8 @@ def run_evaluation(request: EvalRequest) -> None:
         return
     check_model_folder(request.model)
     records = split_records(request)
-    # Alone: no process group. Under torchrun: each rank scores a shard, all get every answer.
-    dist = init_distributed() if launched_with_ranks() else single_process(torch.device("cpu"))
+    # Under torchrun each rank scores a shard and all get every answer; alone, rank 0 of 1.
+    dist = init_distributed(deepspeed_comm=False)
     dist = dataclasses.replace(dist, device=pick_device(request.device, dist.local_rank))
     model = load_saved_model(request.model, dist.device)
     tokenizer = load_tokenizer(ModelConfig(model=request.model, tokenizer=request.tokenizer))
@@ -106,5 +106,4 @@ def run_evaluation(request: EvalRequest) -> None:
         write_results(request.output_dir, evaluation.predictions(records), metrics)
         print(format_table(metrics, f"{request.model} on PubMedQA {request.split} ({request.mode})"))
         print(f"wrote {request.output_dir / 'predictions.json'} and metrics.json")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    torch.distributed.destroy_process_group()
