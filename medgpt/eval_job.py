@@ -79,15 +79,17 @@ def rescore_predictions(request: EvalRequest) -> dict[str, Any]:
     return answer_metrics([r.final_decision for r in records], answers)
 
 
-def run_evaluation(request: EvalRequest) -> None:
-    request.validate()
-    if request.predictions:
-        metrics = rescore_predictions(request)
-        print(format_table(metrics, f"{request.predictions} on PubMedQA {request.split}"))
-        if request.output:
-            request.output_dir.mkdir(parents=True, exist_ok=True)
-            (request.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        return
+def report_rescored(request: EvalRequest) -> None:
+    """Print the metrics of --predictions (and write metrics.json when --output is given)."""
+    metrics = rescore_predictions(request)
+    print(format_table(metrics, f"{request.predictions} on PubMedQA {request.split}"))
+    if request.output:
+        request.output_dir.mkdir(parents=True, exist_ok=True)
+        (request.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def evaluate_model(request: EvalRequest) -> None:
+    """Answer the split with the saved model (sharded under torchrun); rank 0 writes the files."""
     check_model_folder(request.model)
     records = split_records(request)
     # Under torchrun each rank scores a shard and all get every answer; alone, rank 0 of 1.
@@ -107,3 +109,11 @@ def run_evaluation(request: EvalRequest) -> None:
         print(format_table(metrics, f"{request.model} on PubMedQA {request.split} ({request.mode})"))
         print(f"wrote {request.output_dir / 'predictions.json'} and metrics.json")
     torch.distributed.destroy_process_group()
+
+
+def run_evaluation(request: EvalRequest) -> None:
+    request.validate()
+    if request.predictions:
+        report_rescored(request)
+    else:
+        evaluate_model(request)

@@ -85,6 +85,7 @@ def _gather_in_order(local: Iterable[tuple[int, Any]], dist: Dist) -> list[Any]:
 @torch.no_grad()
 def score_loglik(model: Any, rows: list[dict[str, list[int]]], dist: Dist, batch_size: int, pad_id: int,
                  decision_ids: list[int], progress: bool = False) -> Answers:
+    """Log-likelihood answers to prompt ``rows`` (every rank: its shard, same number of forwards)."""
     was_training = model.training
     model.eval()
     positions = iter(shard_positions(len(rows), dist))
@@ -95,7 +96,7 @@ def score_loglik(model: Any, rows: list[dict[str, list[int]]], dist: Dist, batch
             local.append((next(positions), probs))
     model.train(was_training)
     probabilities = _gather_in_order(((pos, p) for pos, p in local if pos < len(rows)), dist)
-    decisions = [DECISIONS[max(range(len(DECISIONS)), key=p.__getitem__)] for p in probabilities]
+    decisions = [DECISIONS[p.index(max(p))] for p in probabilities]
     return Answers(decisions=decisions, probabilities=probabilities, generated=None)
 
 
