@@ -233,7 +233,8 @@ def test_rescoring_predictions_matches_the_run(test_split_run):
 
 def test_training_logs_accuracy_and_writes_test_metrics(tmp_path, data_cache):
     out = tmp_path / "run"
-    check_ok(launch(tiny_args(out, data_cache, max_steps=4, eval_every=2)))
+    # Micro-batch 8: the scoring batch too (the 500 test questions in 63 forwards).
+    check_ok(launch(tiny_args(out, data_cache, max_steps=4, eval_every=2, micro_batch_size=8, grad_accum=1)))
     scalars = read_scalars(out)
     for tag in ("eval/accuracy", "eval/macro_f1"):
         assert [step for step, _ in scalars[tag]] == [2, 4] and all(0 <= v <= 1 for _, v in scalars[tag]), tag
