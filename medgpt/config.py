@@ -61,6 +61,7 @@ class TrainConfig:
     ds_config: str = "ds_configs/zero2.json"
     precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
     micro_batch_size: int = 4
+    eval_batch_size: int = 16  # no backward pass: evaluation affords larger batches
     grad_accum: int = 1
     epochs: int = 3
     max_steps: int = 0  # >0 stops after this many optimizer steps, overriding epochs
@@ -88,7 +89,7 @@ class Config:
         t, o, d, m = self.train, self.optim, self.data, self.model
         if t.precision not in PRECISIONS:
             problems.append(f"precision '{t.precision}' is unknown; use one of {', '.join(PRECISIONS)}")
-        for name in ("micro_batch_size", "grad_accum", "log_every"):
+        for name in ("micro_batch_size", "eval_batch_size", "grad_accum", "log_every"):
             if getattr(t, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(t, name)})")
         for name in ("epochs", "max_steps", "eval_every", "save_every", "keep_last"):

@@ -116,13 +116,19 @@ def train_loader(dataset: datasets.Dataset, sampler: ResumableDistributedSampler
                       collate_fn=functools.partial(collate, pad_id=pad_id))
 
 
+def shard_positions(num_rows: int, dist: Dist) -> list[int]:
+    """The dataset positions :func:`eval_loader` gives this rank, in order; positions past the end
+    (``>= num_rows``) are filler rows."""
+    per_rank = math.ceil(num_rows / dist.world_size)
+    return list(range(dist.rank, per_rank * dist.world_size, dist.world_size))
+
+
 def eval_loader(dataset: datasets.Dataset, dist: Dist, batch_size: int, pad_id: int) -> DataLoader:
     """This rank's strided shard, in order. Every rank gets the same number of rows (ZeRO-3 needs
     all ranks in every forward): short shards are topped up with a row whose labels are all
     ignored, so it adds nothing to any sum."""
-    per_rank = math.ceil(len(dataset) / dist.world_size)
     rows = []
-    for pos in range(dist.rank, per_rank * dist.world_size, dist.world_size):
+    for pos in shard_positions(len(dataset), dist):
         if pos < len(dataset):
             rows.append(dataset[pos])
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
@@ -67,3 +68,21 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str,
         return AutoModelForCausalLM.from_config(config)
     hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers reads it while loading)
     return AutoModelForCausalLM.from_pretrained(cfg.model, config=config)
+
+
+def check_model_folder(folder: str) -> None:
+    """Fail early (before any process group or data loading) on a folder that cannot be a model."""
+    if not Path(folder, "config.json").is_file():
+        raise UserError(f"model folder '{folder}' does not exist or holds no config.json; pass a folder "
+                        "written by save_pretrained (e.g. a trained run's saved model)")
+
+
+def load_saved_model(folder: str, device: torch.device) -> PreTrainedModel:
+    """A save_pretrained causal LM, whole on one device, in eval mode."""
+    check_model_folder(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load '{folder}' as a causal language model "
+                        f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    return model.to(device).eval()

@@ -26,6 +26,7 @@ from medgpt.data import ResumableDistributedSampler, eval_loader, tokenized_data
 from medgpt.distributed import Dist, init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from medgpt.errors import UserError
+from medgpt.evaluate import evaluate_records, metric_scalars, write_results
 from medgpt.export import export_checkpoint
 from medgpt.loss import count_label_tokens, label_loss_sum
 from medgpt.lr_schedule import warmup_cosine
@@ -149,7 +150,8 @@ def train(cfg: Config) -> None:
     pad_id = tokenizer.eos_token_id  # GPT-2 has no pad token; padded positions are masked anyway
     sampler = ResumableDistributedSampler(train_set, dist, seed=t.seed)
     loader = train_loader(train_set, sampler, t.micro_batch_size, pad_id)
-    dev_loader = eval_loader(dev_set, dist, t.micro_batch_size, pad_id)
+    dev_loader = eval_loader(dev_set, dist, t.eval_batch_size, pad_id)
+    dev_records, test_records = [records[i] for i in split.dev], [records[i] for i in split.test]
 
     output_dir = Path(t.output_dir)
     if dist.is_main:
@@ -206,9 +208,12 @@ def train(cfg: Config) -> None:
 
             if (t.eval_every and state.step % t.eval_every == 0) or state.step == total_steps:
                 eval_loss = evaluate_loss(engine, dev_loader, dist)
+                # Answer accuracy / macro-F1 on the dev fold: log-likelihood scoring, all ranks.
+                dev = evaluate_records(engine, tokenizer, dev_records, dist, cfg.data.seq_len, t.eval_batch_size)
                 if logger:
-                    logger.log(state.step, {"eval/loss": eval_loss})
-                    bar.write(f"step {state.step}: eval loss {eval_loss:.4f}")
+                    logger.log(state.step, {"eval/loss": eval_loss, **metric_scalars(dev, "eval")})
+                    bar.write(f"step {state.step}: eval loss {eval_loss:.4f}, accuracy {dev.metrics['accuracy']:.3f}, "
+                              f"macro-F1 {dev.metrics['macro_f1']:.3f}")
                 window_start = time.perf_counter()  # evaluation time is not training throughput
 
             if state.step < total_steps and stop_request.agreed(dist):
@@ -225,8 +230,15 @@ def train(cfg: Config) -> None:
 
     bar.close()
     final = save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
-    if logger:
+
+    # --- The official test set, once, with the final weights (all ranks score; rank 0 writes).
+    test = evaluate_records(engine, tokenizer, test_records, dist, cfg.data.seq_len, t.eval_batch_size,
+                            progress=dist.is_main)
+    if dist.is_main:
+        write_results(output_dir, test.predictions(test_records), test.metrics, prefix="test_")
+        logger.log(state.step, metric_scalars(test, "test"))
         logger.close()
+        print(f"test: accuracy {test.metrics['accuracy']:.3f}, macro-F1 {test.metrics['macro_f1']:.3f}")
     torch.distributed.destroy_process_group()
     # Rank 0 exports alone, after the process group is gone: no rank waits on it in a collective.
     if dist.is_main:

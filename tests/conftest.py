@@ -43,16 +43,17 @@ def tiny_args(output_dir: Path, cache_dir: Path, **overrides: object) -> list[st
 
 
 def launch(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = 600,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run launcher/train.py as a user would: plain python, torchrun or the deepspeed launcher."""
+           env: dict[str, str] | None = None, script: str = TRAIN_PY) -> subprocess.CompletedProcess:
+    """Run a launcher script (launcher/train.py unless told) as a user would: plain python,
+    torchrun or the deepspeed launcher."""
     bindir = Path(sys.executable).parent
     if launcher == "python":
-        cmd = [sys.executable, TRAIN_PY]
+        cmd = [sys.executable, script]
     elif launcher == "torchrun":
         cmd = [str(bindir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-               TRAIN_PY]
+               script]
     elif launcher == "deepspeed":
-        cmd = [str(bindir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), TRAIN_PY]
+        cmd = [str(bindir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), script]
     else:
         raise ValueError(launcher)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}

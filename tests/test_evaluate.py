@@ -1,0 +1,244 @@
+"""Evaluation and inference: metrics against hand-computed values, the real launchers on a saved
+tiny model (1 process and 2 ranks), a model over-fitted to known answers, bad input, training."""
+import json
+import math
+import re
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+
+from conftest import GROUND_TRUTH, ORI_JSON, REPO, TINY_MODEL, TOKENIZER, check_ok, launch, read_scalars, tiny_args
+from medgpt.answer_metrics import answer_metrics, majority_label
+from medgpt.data import collate
+from medgpt.evaluate import parse_decision
+from medgpt.inference import answer_question
+from medgpt.loss import count_label_tokens, label_loss_sum
+from medgpt.model import load_saved_model
+from medgpt.prompt import answer_text, encode_example
+from medgpt.pubmedqa import load_records, official_split
+
+EVALUATE_PY, GENERATE_PY = str(REPO / "launcher" / "evaluate.py"), str(REPO / "launcher" / "generate.py")
+SEQ_LEN = 384
+
+
+# --- Metrics: hand-computed references (what sklearn's f1_score(average="macro",
+# labels=["yes", "no", "maybe"], zero_division=0) gives).
+
+def test_metrics_with_a_class_never_predicted():
+    gold = ["yes", "yes", "yes", "no", "no", "maybe"]
+    pred = ["yes", "no", "yes", "no", "yes", "no"]
+    m = answer_metrics(gold, pred)
+    assert m["num_questions"] == 6 and m["accuracy"] == pytest.approx(3 / 6) and m["unparsed"] == 0
+    # yes: TP 2 of 3 predicted, 3 gold; no: TP 1 of 3 predicted, 2 gold; maybe: never predicted.
+    assert m["per_class"]["yes"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+    assert m["per_class"]["no"] == pytest.approx({"precision": 1 / 3, "recall": 1 / 2, "f1": 2 / 5, "support": 2})
+    assert m["per_class"]["maybe"] == pytest.approx({"precision": 0, "recall": 0, "f1": 0, "support": 1})
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 5 + 0) / 3)  # maybe's F1 of 0 counts
+    assert m["confusion_matrix"]["counts"] == [[2, 1, 0], [1, 1, 0], [0, 1, 0]]
+    # Always "yes": accuracy 3/6; F1(yes) = 2*3 / (6 + 3), the others 0.
+    assert m["majority_baseline"] == pytest.approx({"label": "yes", "accuracy": 0.5, "macro_f1": (2 / 3) / 3})
+
+
+def test_metrics_count_unparsed_answers_as_wrong():
+    gold = ["yes", "no", "maybe", "maybe"]
+    pred = [None, "no", "maybe", "yes"]
+    m = answer_metrics(gold, pred)
+    assert m["accuracy"] == 0.5 and m["unparsed"] == 1
+    assert m["per_class"]["yes"]["f1"] == 0  # one wrong "yes", and the gold "yes" went unparsed
+    assert m["per_class"]["maybe"] == pytest.approx({"precision": 1, "recall": 1 / 2, "f1": 2 / 3, "support": 2})
+    assert m["macro_f1"] == pytest.approx((0 + 1 + 2 / 3) / 3)
+    assert m["confusion_matrix"]["counts"] == [[0, 0, 0], [0, 1, 0], [1, 0, 1]]
+    assert m["majority_baseline"] == pytest.approx({"label": "maybe", "accuracy": 0.5, "macro_f1": (4 / 6) / 3})
+
+
+def test_majority_ties_and_answer_parsing():
+    assert majority_label(["no", "maybe"]) == "no" and majority_label(["maybe", "no", "no", "yes"]) == "no"
+    assert [parse_decision(t) for t in (" Yes. It", "\nNO", " maybe,", " perhaps yes", "", "...")] == \
+        ["yes", "no", "maybe", None, None, None]
+
+
+# --- A tiny model over-fitted to 6 questions (mixed labels: 3 of the test set, 3 of dev fold 0).
+
+def short_records(records, positions, tokenizer):
+    """One record per decision whose whole prompt fits SEQ_LEN, so no context is cut anywhere."""
+    def fits(r):
+        return len(encode_example(tokenizer, r.question, r.contexts, None, 10**6).input_ids) <= 300
+    return [next(records[i] for i in positions if records[i].final_decision == d and fits(records[i]))
+            for d in ("yes", "no", "maybe")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(saved model folder, trained test records, trained dev records): plain PyTorch, full batch,
+    the training labels of encode_example, until the answers are learnt (~10 s)."""
+    records = load_records(str(ORI_JSON))
+    split = official_split(records, fold=0)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    test_records, dev_records = (short_records(records, split.test, tokenizer),
+                                 short_records(records, split.dev, tokenizer))
+    transformers.set_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config.from_json_file(TINY_MODEL))
+    encoded = [encode_example(tokenizer, r.question, r.contexts, answer_text(r.final_decision), SEQ_LEN)
+               for r in test_records + dev_records]
+    batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in encoded], tokenizer.eos_token_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(200):
+        loss = label_loss_sum(model, batch) / count_label_tokens(batch["labels"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.02:
+            break
+    assert loss.item() < 0.02, "the tiny model did not learn its 6 answers"
+    folder = tmp_path_factory.mktemp("trained") / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, test_records, dev_records
+
+
+def evaluate(model, out, *extra, launcher="python", nproc=1):
+    args = ["--model", str(model), "--data", str(ORI_JSON), "--seq_len", str(SEQ_LEN), "--output", str(out), *extra]
+    return launch(args, launcher=launcher, nproc=nproc, script=EVALUATE_PY)
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def test_split_run(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-test")
+    proc = evaluate(trained[0], out, "--batch_size", "8")
+    check_ok(proc)
+    return out, proc
+
+
+def test_predictions_hold_exactly_the_official_test_pmids(test_split_run):
+    out, proc = test_split_run
+    predictions, metrics = read_json(out / "predictions.json"), read_json(out / "metrics.json")
+    assert predictions.keys() == read_json(GROUND_TRUTH).keys() and len(predictions) == 500
+    assert set(predictions.values()) <= {"yes", "no", "maybe"}
+    assert metrics["num_questions"] == 500 and metrics["split"] == "test" and metrics["unparsed"] == 0
+    assert sum(map(sum, metrics["confusion_matrix"]["counts"])) == 500
+    assert "macro-F1" in proc.stdout and "majority baseline" in proc.stdout
+
+
+def test_loglik_scorer_gives_the_trained_answers(trained, test_split_run):
+    _, test_records, _ = trained
+    predictions = read_json(test_split_run[0] / "predictions.json")
+    assert {r.pubid: predictions[r.pubid] for r in test_records} == {r.pubid: r.final_decision for r in test_records}
+
+
+def test_two_ranks_match_one_process(trained, test_split_run, tmp_path):
+    # A different batch size too: padding must not change any answer.
+    check_ok(evaluate(trained[0], tmp_path, "--batch_size", "5", launcher="torchrun", nproc=2))
+    one, two = test_split_run[0], tmp_path
+    assert read_json(two / "predictions.json") == read_json(one / "predictions.json")
+    m1, m2 = read_json(one / "metrics.json"), read_json(two / "metrics.json")
+    assert m2["confusion_matrix"] == m1["confusion_matrix"] and m2["accuracy"] == m1["accuracy"]
+    assert m2["macro_f1"] == m1["macro_f1"] and m2["majority_baseline"] == m1["majority_baseline"]
+
+
+def test_generative_mode_answers_trained_dev_questions(trained, tmp_path):
+    folder, _, dev_records = trained
+    check_ok(evaluate(folder, tmp_path, "--split", "dev", "--mode", "generate"))
+    predictions, metrics = read_json(tmp_path / "predictions.json"), read_json(tmp_path / "metrics.json")
+    assert len(predictions) == metrics["num_questions"] == 50 and metrics["mode"] == "generate"
+    assert {r.pubid: predictions[r.pubid] for r in dev_records} == {r.pubid: r.final_decision for r in dev_records}
+    assert metrics["unparsed"] == sum(p is None for p in predictions.values())
+
+
+def test_answer_question_api(trained):
+    folder, test_records, _ = trained
+    model = load_saved_model(str(folder), torch.device("cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for record in test_records:
+        answer = answer_question(model, tokenizer, record.question, record.contexts, max_length=SEQ_LEN)
+        assert answer.decision == record.final_decision and answer.text.strip() == record.final_decision
+        assert math.isclose(sum(answer.probabilities.values()), 1.0, abs_tol=1e-6)
+    assert answer_question(model, tokenizer, "Is it?", [], max_length=20).probabilities is None
+
+
+def test_generate_launcher_prints_text_and_probabilities(trained):
+    folder, test_records, _ = trained
+    record = test_records[1]
+    proc = launch(["--model", str(folder), record.question, *[a for c in record.contexts for a in ("--context", c)],
+                   "--max_length", "320"], script=GENERATE_PY)
+    check_ok(proc)
+    match = re.search(r"decision: (\w+) +\(yes ([\d.]+) +no ([\d.]+) +maybe ([\d.]+)\)", proc.stdout)
+    assert match and match.group(1) == record.final_decision, proc.stdout
+    assert math.isclose(sum(float(match.group(i)) for i in (2, 3, 4)), 1.0, abs_tol=2e-3)
+    assert proc.stdout.splitlines()[0].strip() == record.final_decision
+
+
+# --- Bad input: exit code 2, one "medgpt: error:" line, no traceback.
+
+def predictions_file(tmp, drop=0, add=()):
+    gold = read_json(GROUND_TRUTH)
+    predictions = {pmid: "yes" for pmid in list(gold)[drop:]} | {pmid: "no" for pmid in add}
+    path = tmp / "predictions.json"
+    path.write_text(json.dumps(predictions))
+    return path
+
+
+def not_a_causal_lm(tmp):
+    (tmp / "vit").mkdir()
+    (tmp / "vit" / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    return tmp / "vit"
+
+
+BAD_INPUT = {
+    "missing model folder": (EVALUATE_PY, lambda tmp, model: ["--model", str(tmp / "absent")],
+                             "model folder .* does not exist"),
+    "not a causal LM": (EVALUATE_PY, lambda tmp, model: ["--model", str(not_a_causal_lm(tmp))],
+                        "cannot load .* as a causal language model"),
+    "unknown split": (EVALUATE_PY, lambda tmp, model: ["--model", str(model), "--split", "train"],
+                      "split 'train' is unknown"),
+    "fold outside 0..9": (EVALUATE_PY, lambda tmp, model: ["--model", str(model), "--fold", "10"],
+                          r"fold must be 0\.\.9"),
+    "predictions missing PMIDs": (EVALUATE_PY, lambda tmp, model: ["--predictions", str(predictions_file(tmp, drop=2))],
+                                  "exactly the 500 PMIDs .*: 2 missing"),
+    "predictions with extra PMIDs": (EVALUATE_PY, lambda tmp, model: ["--predictions",
+                                                                      str(predictions_file(tmp, add=["1"]))],
+                                     "0 missing .*, 1 extra"),
+    "empty question": (GENERATE_PY, lambda tmp, model: ["--model", str(model), "  "], "the question is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_clear_error(trained, tmp_path, case):
+    script, make_args, message = BAD_INPUT[case]
+    args = make_args(tmp_path, trained[0])
+    if script == EVALUATE_PY:
+        args += ["--data", str(ORI_JSON), "--output", str(tmp_path / "out")]
+    proc = launch(args, script=script)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("medgpt: error:")]) == 1
+    assert re.search(message, proc.stderr), proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_rescoring_predictions_matches_the_run(test_split_run):
+    out, _ = test_split_run
+    proc = launch(["--predictions", str(out / "predictions.json"), "--data", str(ORI_JSON),
+                   "--output", str(out / "rescored")], script=EVALUATE_PY)
+    check_ok(proc)
+    rescored, original = read_json(out / "rescored" / "metrics.json"), read_json(out / "metrics.json")
+    assert rescored == {k: v for k, v in original.items() if k in rescored}
+
+
+# --- Training logs answer metrics on dev and scores the test set at the end.
+
+def test_training_logs_accuracy_and_writes_test_metrics(tmp_path, data_cache):
+    out = tmp_path / "run"
+    # Micro-batch 8: the scoring batch too (the 500 test questions in 63 forwards).
+    check_ok(launch(tiny_args(out, data_cache, max_steps=4, eval_every=2, micro_batch_size=8, grad_accum=1)))
+    scalars = read_scalars(out)
+    for tag in ("eval/accuracy", "eval/macro_f1"):
+        assert [step for step, _ in scalars[tag]] == [2, 4] and all(0 <= v <= 1 for _, v in scalars[tag]), tag
+    assert [step for step, _ in scalars["test/accuracy"]] == [4] and "test/macro_f1" in scalars
+    metrics, predictions = read_json(out / "test_metrics.json"), read_json(out / "test_predictions.json")
+    assert predictions.keys() == read_json(GROUND_TRUTH).keys() and metrics["num_questions"] == 500
+    assert scalars["test/accuracy"][0][1] == pytest.approx(metrics["accuracy"])
