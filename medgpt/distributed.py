@@ -56,6 +56,11 @@ def first_slurm_host(nodelist: str) -> str:
         raise UserError(f"cannot expand the SLURM node list '{nodelist}' with scontrol: {err}") from err
     if not hosts:
         raise UserError(f"the SLURM node list '{nodelist}' names no host")
+    try:
+        socket.getaddrinfo(hosts[0], None)
+    except socket.gaierror as err:
+        raise UserError(f"cannot resolve '{hosts[0]}', the first host of the SLURM node list '{nodelist}': "
+                        f"{err.strerror}") from err
     return hosts[0]
 
 

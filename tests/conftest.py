@@ -72,7 +72,7 @@ def read_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-REFERENCE_STEPS = 12
+REFERENCE_STEPS = 20
 
 
 @pytest.fixture(scope="session")

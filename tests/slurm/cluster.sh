@@ -30,10 +30,11 @@ start_munge() {
     fi
     mkdir -p /run/munge && chown munge:munge /run/munge && chmod 755 /run/munge
     [[ -f /etc/munge/munge.key ]] || { mungekey --create && chown munge:munge /etc/munge/munge.key; }
-    # Only a munged started here is stopped by `stop` (its pid file lives in the state folder).
-    touch "$state/munged.pid" && chown munge:munge "$state/munged.pid"
-    su -s /bin/sh munge -c "/usr/sbin/munged --pid-file=$state/munged.pid"
+    su -s /bin/sh munge -c /usr/sbin/munged
     wait_for "munge credentials" bash -c 'munge -n | unmunge >/dev/null'
+    # Only a munged started here is stopped by `stop`: its pid file is copied into the state folder
+    # (munged runs as munge and may not be able to write there itself).
+    cp /run/munge/munged.pid "$state/munged.pid"
 }
 
 write_conf() {
