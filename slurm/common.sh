@@ -3,7 +3,8 @@
 # Everything is set by environment variables (sbatch exports the submitting environment):
 #   MEDGPT_PYTHON          interpreter with medgpt installed (default: python3 on PATH)
 #   MEDGPT_CONFIG          --config YAML (optional), MEDGPT_DS_CONFIG: --ds_config JSON (optional)
-#   MEDGPT_OUTPUT_DIR      --output_dir (default: runs/<job name>; a requeued job resumes there)
+#   MEDGPT_OUTPUT_DIR      --output_dir (default: runs/<job name>, over the config file's; a requeued
+#                          job resumes there); an --output_dir flag among the arguments wins
 #   MEDGPT_ARGS            more medgpt flags, split on spaces; the script's own arguments follow them
 #   MEDGPT_NPROC_PER_NODE  ranks per node (default: SLURM's GPUs on the node, else 1)
 #   MEDGPT_MASTER_PORT     rendezvous port (default: derived from the job id, see below)
@@ -66,10 +67,10 @@ on_warning() {
 run_step() {  # run_step <command...>: one task per node, USR1 handled as above; exits with its status
     # `trap '' USR1` before exec: an ignored signal stays ignored across exec, so torchrun and the
     # deepspeed launcher (which would die of USR1) survive it; medgpt installs its own handler.
+    trap on_warning USR1
     srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
         bash -c 'trap "" USR1; exec "$@"' run_step "$@" &
     local step=$! status
-    trap on_warning USR1
     # `wait` returns early whenever the trap runs; keep waiting until the step has really ended.
     while kill -0 "$step" 2>/dev/null; do
         wait "$step" || true

@@ -101,6 +101,8 @@ def test_sbatch_deepspeed_launcher_completes(slurm_env, reference_args, two_rank
     job = submit(slurm_env, tmp_path, "slurm/train_deepspeed.sbatch", *reference_args(out))
     info = finished(slurm_env, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log_of(tmp_path)[-5000:]
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    assert (tmp_path / f"medgpt-ds-{job}.hostfile").read_text() == f"{host} slots=2\n"  # next to the log
     assert (out / "export" / "model.safetensors").is_file()
     assert losses(out) == losses(two_rank_reference)
 
