@@ -58,9 +58,13 @@ def torchrun_on_host(namespace: str, ifname: str, node_rank: int, args: list[str
 def test_two_namespaces_match_one_node(two_hosts, two_rank_reference, reference_args, tmp_path):
     out = tmp_path / "netns"
     procs = [torchrun_on_host(ns, ifname, k, reference_args(out)) for k, (ns, ifname) in enumerate(two_hosts)]
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=600)
-        check_ok(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=600)
+            check_ok(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:  # a node left waiting for a failed peer
+            proc.kill()
     got, want = read_scalars(out)["train/loss"], read_scalars(two_rank_reference)["train/loss"]
     assert [s for s, _ in got] == [s for s, _ in want]
     for (step, value), (_, expected) in zip(got, want):

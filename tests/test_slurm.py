@@ -62,7 +62,7 @@ def finished(env: dict[str, str], job_id: int) -> dict[str, str]:
 
 
 def log_of(log_dir: Path) -> str:
-    return "\n".join(p.read_text() for p in sorted(log_dir.glob("*.out")))
+    return "\n".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("*.out")))  # ranks interleave bytes
 
 
 def losses(output_dir: Path) -> list[tuple[int, float]]:
