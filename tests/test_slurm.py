@@ -2,7 +2,9 @@
 module): 2 CPU ranks per job, losses compared with the same run under plain torchrun."""
 from __future__ import annotations
 
+import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +63,13 @@ def finished(env: dict[str, str], job_id: int) -> dict[str, str]:
                                                                   "COMPLETING", "REQUEUED"), "the end")
 
 
+def release_now(env: dict[str, str], job_id: int) -> bool:
+    """Skip the ~2 minutes SLURM holds a requeued job (Reason=BeginTime); False: not running yet.
+    Repeated until it starts, since an update made while the old run is still ending is lost."""
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, capture_output=True)
+    return False
+
+
 def log_of(log_dir: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("*.out")))  # ranks interleave bytes
 
@@ -87,13 +96,20 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_env, reference_arg
                "the first logged step")
     # What SLURM does before a time limit (--signal=B:USR1@300), now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=slurm_env, check=True)
-    wait_until(slurm_env, job, lambda i: i["JobState"] == "PENDING" and i["Restarts"] == "1", "the requeue")
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env, check=True)  # no 2-min wait
+    wait_until(slurm_env, job, lambda i: i["Restarts"] == "1", "the requeue")
+    wait_until(slurm_env, job, lambda i: i["JobState"] != "PENDING" or release_now(slurm_env, job), "the restart")
     info = finished(slurm_env, job)
     log = log_of(tmp_path)
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-5000:]
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (info, log[-5000:])
     assert "stop requested (SIGUSR1): saved step" in log and "requeueing job" in log and "(restart 1)" in log
-    assert losses(out) == losses(two_rank_reference)  # the two parts together, bit for bit
+    got, want = losses(out), losses(two_rank_reference)
+    assert [step for step, _ in got] == [step for step, _ in want]  # one point per step, no duplicates
+    saved = int(re.search(r"saved step (\d+)", log).group(1))
+    assert got[:saved + 1] == want[:saved + 1]  # the first part and the first step after resuming: bit for bit
+    # Later steps: medgpt's resume is not always bit-exact (a 2-rank ZeRO-0 run resumed at step 2
+    # drifts by ~1e-7 from step 4 on, under plain torchrun too), so a tight tolerance there.
+    for (step, value), (_, expected) in zip(got[saved + 1:], want[saved + 1:]):
+        assert math.isclose(value, expected, rel_tol=1e-6), (step, value, expected)
 
 
 def test_sbatch_deepspeed_launcher_completes(slurm_env, reference_args, two_rank_reference, tmp_path):
