@@ -149,7 +149,7 @@ FAKE_JOB = {"SLURM_JOB_ID": "41", "SLURM_JOB_NAME": "bad", "SLURM_NNODES": "1",
             "SLURM_JOB_NODELIST": "no-such-node[1-2]"}
 
 
-def test_sbatch_unresolvable_nodelist(slurm_env, tmp_path):
+def test_sbatch_unresolvable_nodelist(slurm_env):
     proc = subprocess.run(["bash", "slurm/train.sbatch"], cwd=REPO, capture_output=True, text=True,
                           env={**slurm_env, **FAKE_JOB, "SLURM_SUBMIT_DIR": str(REPO)})
     assert proc.returncode == 2 and proc.stdout == ""
