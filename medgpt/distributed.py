@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
+
+from medgpt.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -48,22 +51,64 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(deepspeed_comm: bool = True) -> Dist:
-    """Join the process group set up by torchrun / the deepspeed launcher (or run alone).
+def slurm_master_port(job_id: int) -> int:
+    """The rendezvous port of a SLURM job: derived from the job id, so every node computes the same
+    one without talking to the others (slurm/*.sbatch use the same formula)."""
+    return 15000 + job_id % 20000
 
-    Both launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. A plain
-    ``python launcher/train.py`` has none of them: it becomes rank 0 of 1 on a free local port.
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``node[01-04],gpu7``), expanded by SLURM itself."""
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise UserError(f"cannot expand the SLURM node list '{nodelist}' with scontrol: {err}") from err
+    if not hosts:
+        raise UserError(f"the SLURM node list '{nodelist}' names no host")
+    try:
+        socket.getaddrinfo(hosts[0], None)
+    except socket.gaierror as err:
+        raise UserError(f"cannot resolve '{hosts[0]}', the first host of the SLURM node list '{nodelist}': "
+                        f"{err.strerror}") from err
+    return hosts[0]
+
+
+def _srun_task_env() -> dict[str, str]:
+    """RANK etc. for a task started directly by ``srun`` (one task per GPU), from SLURM's variables.
+
+    Only srun steps carry SLURM_STEP_ID: a plain ``python`` in a batch script also sees
+    SLURM_PROCID and SLURM_NTASKS (the job's), but it is one process, not one task of many.
+    MASTER_ADDR / MASTER_PORT already in the environment win.
+    """
+    env = os.environ
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env["SLURM_LOCALID"],
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"]),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(slurm_master_port(int(env["SLURM_JOB_ID"])))}
+
+
+def _single_process_env() -> dict[str, str]:
+    return dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+
+
+def init_distributed(deepspeed_comm: bool = True) -> Dist:
+    """Join the process group set up by torchrun / the deepspeed launcher / srun (or run alone).
+
+    Both launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Tasks of an
+    ``srun`` step get them from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the node list. A
+    plain ``python launcher/train.py`` has none of them: it becomes rank 0 of 1 on a free local port.
     ``deepspeed_comm=False`` joins through torch.distributed alone, for jobs without a DeepSpeed
     engine (evaluation): no DeepSpeed import, no communication op to build.
     """
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        os.environ.update(_srun_task_env() if "SLURM_STEP_ID" in os.environ else _single_process_env())
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        # srun --gpus-per-task shows each task only its own GPU: then it is device 0.
+        device_index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(device_index)
+        device, backend = torch.device("cuda", device_index), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if deepspeed_comm:

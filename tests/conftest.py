@@ -71,3 +71,22 @@ def read_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(output_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+REFERENCE_STEPS = 20
+
+
+@pytest.fixture(scope="session")
+def reference_args(data_cache: Path):
+    """Flags of the 2-rank run that the SLURM and multi-host tests compare their losses with."""
+    def make(output_dir: Path) -> list[str]:
+        return tiny_args(output_dir, data_cache, max_steps=REFERENCE_STEPS, eval_every=0)
+    return make
+
+
+@pytest.fixture(scope="session")
+def two_rank_reference(tmp_path_factory: pytest.TempPathFactory, reference_args) -> Path:
+    """1 node x 2 ranks under torchrun: the output_dir of the run every multi-node layout must match."""
+    out = tmp_path_factory.mktemp("reference-2ranks")
+    check_ok(launch(reference_args(out), launcher="torchrun", nproc=2))
+    return out

@@ -1,0 +1,85 @@
+# Shared by slurm/train.sbatch and slurm/train_deepspeed.sbatch (sourced, not run): settings,
+# the rendezvous host and port, medgpt's arguments, and the preemption/requeue logic.
+# Everything is set by environment variables (sbatch exports the submitting environment):
+#   MEDGPT_PYTHON          interpreter with medgpt installed (default: python3 on PATH)
+#   MEDGPT_CONFIG          --config YAML (optional), MEDGPT_DS_CONFIG: --ds_config JSON (optional)
+#   MEDGPT_OUTPUT_DIR      --output_dir (default: runs/<job name>, over the config file's; a requeued
+#                          job resumes there); an --output_dir flag among the arguments wins
+#   MEDGPT_ARGS            more medgpt flags, split on spaces; the script's own arguments follow them
+#   MEDGPT_NPROC_PER_NODE  ranks per node (default: SLURM's GPUs on the node, else 1)
+#   MEDGPT_MASTER_PORT     rendezvous port (default: derived from the job id, see below)
+
+die() {  # bad input: one clear line, exit code 2 (as medgpt itself does)
+    echo "medgpt-slurm: error: $*" >&2
+    exit 2
+}
+
+python=${MEDGPT_PYTHON:-python3}
+command -v "$python" >/dev/null || die "MEDGPT_PYTHON='$python' is not an executable; point it at the venv's python"
+
+# The first host of the allocation hosts the rendezvous. The node list is compressed
+# (node[01-04]); scontrol expands it, and the host must resolve on every node.
+head_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n1) || true
+if [[ -z $head_host ]] || ! getent hosts "$head_host" >/dev/null; then
+    die "cannot resolve the first host of SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST' (got '${head_host}')"
+fi
+# The same on every node without any exchange, unique enough that two jobs on one node do not
+# collide; medgpt's srun-direct mode derives it the same way (medgpt/distributed.py).
+master_port=${MEDGPT_MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}
+nproc_per_node=${MEDGPT_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+
+# --- Process settings, inherited by every rank.
+# The node's CPUs shared among its ranks unless told otherwise: every rank using all cores
+# oversubscribes them.
+cpus=${SLURM_CPUS_ON_NODE:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus > nproc_per_node ? cpus / nproc_per_node : 1 ))}
+# WARN prints NCCL's problems (and only those) into the job log; INFO for topology/transport details.
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# A rank whose collective fails or times out aborts its communicator and exits, so the whole job
+# fails fast instead of hanging until the time limit.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+# NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME: set them (e.g. =ib0 or =eth0) before sbatch when nodes
+# have several interfaces and the default one does not reach the other nodes; they pass through.
+export PYTHONUNBUFFERED=1  # rank output reaches the job log as it happens
+
+output_dir=${MEDGPT_OUTPUT_DIR:-runs/$SLURM_JOB_NAME}
+medgpt_args=(--output_dir "$output_dir" --resume auto)
+[[ -n ${MEDGPT_CONFIG:-} ]] && medgpt_args+=(--config "$MEDGPT_CONFIG")
+[[ -n ${MEDGPT_DS_CONFIG:-} ]] && medgpt_args+=(--ds_config "$MEDGPT_DS_CONFIG")
+read -r -a extra <<<"${MEDGPT_ARGS:-}"
+medgpt_args+=("${extra[@]}" "$@")
+
+echo "medgpt-slurm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
+     "$SLURM_NNODES node(s) x $nproc_per_node rank(s), rendezvous $head_host:$master_port"
+echo "medgpt-slurm: medgpt flags: ${medgpt_args[*]}"
+
+# --- Preemption and time limits. SLURM sends USR1 to this script (--signal=B:USR1@<s>, or
+# `scancel --signal=USR1 --batch <job>`). It is passed on to every process of the job's steps;
+# the launchers ignore it (see run_step) and medgpt's ranks save a checkpoint at the next step
+# boundary and exit. The job is then requeued and resumes from that checkpoint (--resume auto).
+warned=0
+on_warning() {
+    warned=1
+    echo "medgpt-slurm: USR1 received: asking the ranks to checkpoint and stop"
+    scancel --signal=USR1 "$SLURM_JOB_ID"  # all steps of the job, not this batch shell
+}
+
+run_step() {  # run_step <command...>: one task per node, USR1 handled as above; exits with its status
+    # `trap '' USR1` before exec: an ignored signal stays ignored across exec, so torchrun and the
+    # deepspeed launcher (which would die of USR1) survive it; medgpt installs its own handler.
+    trap on_warning USR1
+    srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        bash -c 'trap "" USR1; exec "$@"' run_step "$@" &
+    local step=$! status
+    # `wait` returns early whenever the trap runs; keep waiting until the step has really ended.
+    while kill -0 "$step" 2>/dev/null; do
+        wait "$step" || true
+    done
+    wait "$step" && status=0 || status=$?
+    trap - USR1
+    if (( warned && status != 0 )); then
+        echo "medgpt-slurm: stopped on the warning signal (exit $status): requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
+    exit "$status"
+}
