@@ -96,7 +96,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_env, reference_arg
                "the first logged step")
     # What SLURM does before a time limit (--signal=B:USR1@300), now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=slurm_env, check=True)
-    wait_until(slurm_env, job, lambda i: i["Restarts"] == "1", "the requeue")
+    wait_until(slurm_env, job, lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING", "the requeue")
+    # slurmd revokes the old run's credential with 1-second resolution: a restart released within
+    # the same second is refused ("Job credential revoked") and the job FAILS. Real requeues wait
+    # ~2 minutes (BeginTime); the test releases the job early, but not within that second.
+    time.sleep(2)
     wait_until(slurm_env, job, lambda i: i["JobState"] != "PENDING" or release_now(slurm_env, job), "the restart")
     info = finished(slurm_env, job)
     log = log_of(tmp_path)
