@@ -16,8 +16,10 @@ import pytest
 from conftest import REPO, TRAIN_PY, free_port, read_scalars
 
 CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
-INIT_SNIPPET = ("from medgpt.distributed import init_distributed; d = init_distributed(); "
-                "print(f'rank {d.rank} of {d.world_size} local {d.local_rank} sum {d.all_reduce_sum([1.0])[0]:g}')")
+# The process group is closed before exit: gloo's threads can abort an interpreter that exits with it open.
+INIT_SNIPPET = ("import torch; from medgpt.distributed import init_distributed; d = init_distributed(); "
+                "print(f'rank {d.rank} of {d.world_size} local {d.local_rank} sum {d.all_reduce_sum([1.0])[0]:g}'); "
+                "torch.distributed.destroy_process_group()")
 
 
 @pytest.fixture(scope="module")
