@@ -29,6 +29,7 @@ from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from medgpt.adam_replay import replay_cpu_adam_steps
 from medgpt.distributed import Dist
 from medgpt.errors import UserError
 
@@ -187,6 +188,7 @@ def load_checkpoint(engine: Any, tag_dir: Path, dist: Dist) -> TrainState:
                                      load_lr_scheduler_states=True)
     if path is None:
         raise UserError(f"DeepSpeed could not load checkpoint '{tag_dir}'")
+    replay_cpu_adam_steps(engine.basic_optimizer)
     rng = _rng_file(tag_dir, dist.rank)
     if rng.is_file():  # absent when this rank did not exist in the saving run
         _restore_rng(torch.load(rng, weights_only=True))

@@ -2,9 +2,7 @@
 module): 2 CPU ranks per job, losses compared with the same run under plain torchrun."""
 from __future__ import annotations
 
-import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -110,12 +108,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_env, reference_arg
     assert "stop requested (SIGUSR1): saved step" in log and "requeueing job" in log and "(restart 1)" in log
     got, want = losses(out), losses(two_rank_reference)
     assert [step for step, _ in got] == [step for step, _ in want]  # one point per step, no duplicates
-    saved = int(re.search(r"saved step (\d+)", log).group(1))
-    assert got[:saved + 1] == want[:saved + 1]  # the first part and the first step after resuming: bit for bit
-    # Later steps: medgpt's resume is not always bit-exact (a 2-rank ZeRO-0 run resumed at step 2
-    # drifts by ~1e-7 from step 4 on, under plain torchrun too), so a tight tolerance there.
-    for (step, value), (_, expected) in zip(got[saved + 1:], want[saved + 1:]):
-        assert math.isclose(value, expected, rel_tol=1e-6), (step, value, expected)
+    assert got == want  # every step, before and after the requeue: the same loss bit for bit
 
 
 def test_sbatch_deepspeed_launcher_completes(slurm_env, reference_args, two_rank_reference, tmp_path):
