@@ -188,7 +188,8 @@ class ThroughputWindow:
 def console_summary(scalars: dict[str, float]) -> str:
     """One short line for the progress bar: tok/s 12.3k | mfu 41.2% | step 0.21s | mem 3.1 GiB."""
     tokens = scalars["perf/tokens_per_s"]
-    tokens_text = f"{tokens / 1e6:.2f}M" if tokens >= 1e6 else f"{tokens / 1e3:.1f}k" if tokens >= 1e3 else f"{tokens:.0f}"
+    tokens_text = (f"{tokens / 1e6:.2f}M" if tokens >= 1e6 else f"{tokens / 1e3:.1f}k" if tokens >= 1e3
+                   else f"{tokens:.0f}")
     memory = max(v for k, v in scalars.items() if k.startswith("perf/peak_mem_gib/"))
     return (f"tok/s {tokens_text} | mfu {scalars['perf/mfu']:.1%} | step {scalars['perf/step_time_s']:.2f}s | "
             f"mem {memory:.1f} GiB")
