@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_last: int = 2  # checkpoints kept (0: all)
     resume: str = "auto"  # auto (latest in output_dir, if any) | none | a checkpoint path
+    peak_tflops: float = 0.0  # per-device peak for perf/mfu; 0: the GPU datasheet table, else a timed matmul
 
 
 @dataclass
@@ -95,6 +97,9 @@ class Config:
         for name in ("epochs", "max_steps", "eval_every", "save_every", "keep_last"):
             if getattr(t, name) < 0:
                 problems.append(f"{name} must be >= 0 (got {getattr(t, name)})")
+        if not 0 <= t.peak_tflops < math.inf:
+            problems.append(f"peak_tflops must be a finite number >= 0, the per-device peak TFLOPS for MFU "
+                            f"(0 looks the GPU up or measures the device; got {t.peak_tflops})")
         if t.epochs == 0 and t.max_steps == 0:
             problems.append("set epochs or max_steps to more than 0")
         if not 0 <= d.fold <= 9:

@@ -34,6 +34,7 @@ from medgpt.metrics import MetricsLogger
 from medgpt.model import build_model, load_model_config, load_tokenizer
 from medgpt.preemption import PREEMPTED_EXIT, StopRequest
 from medgpt.pubmedqa import load_records, official_split
+from medgpt.throughput import ThroughputWindow, console_summary, device_peak, peak_memory_bytes, step_flops
 
 
 @dataclass
@@ -41,15 +42,18 @@ class StepStats:
     loss: float
     answer_tokens: int  # tokens carrying loss, all ranks
     tokens: int  # non-pad tokens, all ranks
+    flops: float  # model FLOPs the step needs (medgpt.throughput.step_flops), all ranks
     grad_norm: float  # before clipping
 
 
 def train_step(engine: deepspeed.DeepSpeedEngine, micro_batches: list[dict[str, torch.Tensor]],
                dist: Dist) -> StepStats:
     """One optimizer step over this rank's micro-batches."""
-    local_answer = sum(count_label_tokens(b["labels"]) for b in micro_batches)
-    local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-    answer_tokens, tokens = dist.all_reduce_sum([local_answer, local_tokens])
+    answer_counts = [count_label_tokens(b["labels"]) for b in micro_batches]
+    local_tokens = sum(int(b["sample_lengths"].sum()) for b in micro_batches)
+    local_flops = sum(step_flops(engine.module.config, b["sample_lengths"], answers)
+                      for b, answers in zip(micro_batches, answer_counts))
+    answer_tokens, tokens, flops = dist.all_reduce_sum([sum(answer_counts), local_tokens, local_flops])
     # DeepSpeed averages gradients over ranks; multiplying by the world size turns that average
     # back into the sum over the global batch, which we divide by its answer-token count.
     scale = dist.world_size / max(answer_tokens, 1.0)
@@ -66,7 +70,7 @@ def train_step(engine: deepspeed.DeepSpeedEngine, micro_batches: list[dict[str, 
     if grad_norm is None:
         grad_norm = float(engine.get_global_grad_norm())
     return StepStats(loss=loss / max(answer_tokens, 1.0), answer_tokens=int(answer_tokens), tokens=int(tokens),
-                     grad_norm=grad_norm)
+                     flops=flops, grad_norm=grad_norm)
 
 
 def unreported_grad_norm(engine: deepspeed.DeepSpeedEngine) -> float | None:
@@ -176,35 +180,44 @@ def train(cfg: Config) -> None:
                        "model_shape": model_shape(model_config), "model_config": model_config.to_dict(),
                        "config": cfg.to_dict()}
 
+    # MFU's denominator: the ranks' peaks summed (measured ones differ a little from rank to rank;
+    # the barrier makes CPU ranks measure side by side, as they will train).
+    dist.barrier()
+    peak = device_peak(dist.device, t.precision, t.peak_tflops)
+    (peak_total,) = dist.all_reduce_sum([peak.tflops])
+    if dist.is_main:
+        print(f"medgpt: MFU against {peak_total / dist.world_size:.4g} TFLOPS per device ({peak.source}) "
+              f"x {dist.world_size} rank(s)", flush=True)
+
     # A resumed run drops any events the earlier run logged after its checkpoint.
     logger = MetricsLogger(output_dir, purge_step=state.step + 1 if resume_from else None) if dist.is_main else None
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not dist.is_main,
                dynamic_ncols=True)
-    window_start, window_tokens, window_samples = time.perf_counter(), 0, 0
+    window = ThroughputWindow()
     while state.step < total_steps:
         sampler.set_epoch(state.epoch, state.consumed)
         batches = iter(loader)
         steps_this_epoch = min(steps_per_epoch - state.consumed // global_batch, total_steps - state.step)
         for _ in range(steps_this_epoch):
             lr = engine.get_lr()[0]
+            step_start = time.perf_counter()
             stats = train_step(engine, [next(batches) for _ in range(t.grad_accum)], dist)
+            window.add(time.perf_counter() - step_start, global_batch, stats.tokens, stats.flops)
             state.step += 1
             state.consumed += global_batch
-            window_tokens += stats.tokens
-            window_samples += global_batch
             bar.update(1)
 
             if state.step % t.log_every == 0 or state.step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                scalars = {"train/loss": stats.loss, "train/lr": lr, "train/grad_norm": stats.grad_norm,
-                           "perf/tokens_per_s": window_tokens / elapsed,
-                           "perf/samples_per_s": window_samples / elapsed}
+                # A collective: every rank logs at the same steps.
+                peak_mem = dist.all_gather_objects(peak_memory_bytes(dist.device))
+                perf = window.scalars(peak_total, peak_mem)
+                window = ThroughputWindow()
+                scalars = {"train/loss": stats.loss, "train/lr": lr, "train/grad_norm": stats.grad_norm, **perf}
                 if t.precision == "fp16":
                     scalars["train/loss_scale"] = float(engine.optimizer.cur_scale)
                 if logger:
                     logger.log(state.step, scalars)
-                    bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}")
-                window_start, window_tokens, window_samples = time.perf_counter(), 0, 0
+                    bar.set_postfix_str(f"loss {stats.loss:.4f} | lr {lr:.2e} | {console_summary(perf)}")
 
             if (t.eval_every and state.step % t.eval_every == 0) or state.step == total_steps:
                 eval_loss = evaluate_loss(engine, dev_loader, dist)
@@ -214,7 +227,6 @@ def train(cfg: Config) -> None:
                     logger.log(state.step, {"eval/loss": eval_loss, **metric_scalars(dev, "eval")})
                     bar.write(f"step {state.step}: eval loss {eval_loss:.4f}, accuracy {dev.metrics['accuracy']:.3f}, "
                               f"macro-F1 {dev.metrics['macro_f1']:.3f}")
-                window_start = time.perf_counter()  # evaluation time is not training throughput
 
             if state.step < total_steps and stop_request.agreed(dist):
                 save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)

@@ -27,6 +27,7 @@ CASES = {
         lambda tmp: {"ds_config": write(tmp / "ds.json", json.dumps({"train_batch_size": 6}))},
         r"train_batch_size=6 disagrees with micro_batch_size x grad_accum x world size \(2 x 2 x 1\)=4"),
     "missing ds_config": (lambda tmp: {"ds_config": tmp / "absent.json"}, "DeepSpeed config .* does not exist"),
+    "negative peak_tflops": (lambda tmp: {"peak_tflops": -1}, "peak_tflops must be a finite number >= 0"),
 }
 
 
