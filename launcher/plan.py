@@ -36,12 +36,10 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def check(args: argparse.Namespace, n_positions: int) -> None:
+def check(args: argparse.Namespace) -> None:
     for name in ("gpus", "nodes", "micro_batch_size", "seq_len", "label_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1 (got {getattr(args, name)})")
-    if args.seq_len > n_positions:
-        raise UserError(f"--seq_len {args.seq_len} exceeds the model's {n_positions} positions")
     if not 0 <= args.reserve < args.gpu_mem:
         raise UserError(f"--reserve must be >= 0 and below --gpu_mem {args.gpu_mem} (got {args.reserve})")
     if args.cpu_mem is not None and args.cpu_mem <= 0:
@@ -64,8 +62,10 @@ def print_table(rows: list[PlanRow], gpu_budget: float, cpu_budget: float | None
 
 def main() -> None:
     args = parse_args()
+    check(args)
     shape = load_shape(args.model)
-    check(args, shape.n_positions)
+    if args.seq_len > shape.n_positions:
+        raise UserError(f"--seq_len {args.seq_len} exceeds the model's {shape.n_positions} positions")
     work = Workload(args.micro_batch_size, args.seq_len, args.precision, args.attention, args.dropout > 0,
                     args.label_tokens)
     rows = plan(shape, work, args.gpus, args.nodes, zero_init=loads_pretrained(args.model))

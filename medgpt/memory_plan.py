@@ -15,7 +15,6 @@ from transformers import GPT2Config, PretrainedConfig
 
 from medgpt.config import ModelConfig
 from medgpt.errors import UserError
-from medgpt.model import check_model_folder, load_model_config
 
 GiB = 2**30
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -73,11 +72,17 @@ def load_shape(model: str) -> ModelShape:
     name = model.removeprefix("openai-community/")
     if name in GPT2_SIZES:
         return ModelShape.from_config(GPT2Config(**GPT2_SIZES[name]))
-    if Path(model).is_dir():
-        check_model_folder(model)
-    elif not model.endswith(".json"):
+    if not (Path(model).is_dir() or model.endswith(".json")):
         raise UserError(f"model '{model}' is neither a GPT-2 Hub name ({', '.join(GPT2_SIZES)}), nor a "
                         "save_pretrained folder, nor a GPT2Config .json file (e.g. configs/models/gpt2-124m.json)")
+    if not Path(model).exists():
+        raise UserError(f"model config file '{model}' does not exist")
+    # Imported here: medgpt.model pulls in transformers' DeepSpeed integration, seconds a plan by
+    # Hub name does without.
+    from medgpt.model import check_model_folder, load_model_config
+
+    if Path(model).is_dir():
+        check_model_folder(model)
     return ModelShape.from_config(load_model_config(ModelConfig(model=model)))
 
 
