@@ -164,9 +164,9 @@ def model_states(strategy: Strategy, shape: ModelShape, precision: str, gpus_per
         params, grads, optimizer = p * total, (p + 4 * mixed) * total, (8 + 4 * mixed) * total
     elif strategy.stage in (1, 2):
         on_gpu = not strategy.offload_optimizer
-        whole_16bit_grads = strategy.stage == 1 or on_gpu
+        keeps_16bit_grads = strategy.stage == 1 or on_gpu  # ZeRO-2 offload streams them out
         params = p * total
-        grads = int((p * total / (n if strategy.stage == 2 else 1)) * whole_16bit_grads + on_gpu * 4 * total / n)
+        grads = int((p * total / (n if strategy.stage == 2 else 1)) * keeps_16bit_grads + on_gpu * 4 * total / n)
         optimizer = int(on_gpu * 12 * total / n)
     else:
         gathered = p * largest  # the largest layer's 16-bit params; as many bytes again for its grads
