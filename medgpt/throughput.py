@@ -165,14 +165,16 @@ class ThroughputWindow:
     steps: int = 0
     seconds: float = 0.0
     samples: int = 0
-    tokens: int = 0
+    tokens: int = 0  # non-pad
+    positions: int = 0  # padding included
     flops: float = 0.0
 
-    def add(self, seconds: float, samples: int, tokens: int, flops: float) -> None:
+    def add(self, seconds: float, samples: int, tokens: int, positions: int, flops: float) -> None:
         self.steps += 1
         self.seconds += seconds
         self.samples += samples
         self.tokens += tokens
+        self.positions += positions
         self.flops += flops
 
     def scalars(self, peak_tflops_total: float, peak_mem_per_rank: list[int]) -> dict[str, float]:
@@ -180,7 +182,8 @@ class ThroughputWindow:
         tflops = self.flops / self.seconds / 1e12
         scalars = {"perf/tokens_per_s": self.tokens / self.seconds, "perf/samples_per_s": self.samples / self.seconds,
                    "perf/step_time_s": self.seconds / self.steps, "perf/tflops": tflops,
-                   "perf/mfu": tflops / peak_tflops_total}
+                   "perf/mfu": tflops / peak_tflops_total,
+                   "perf/padding_fraction": 1 - self.tokens / self.positions}
         scalars.update({f"perf/peak_mem_gib/rank{r}": b / GIB for r, b in enumerate(peak_mem_per_rank)})
         return scalars
 

@@ -42,6 +42,7 @@ class StepStats:
     loss: float
     answer_tokens: int  # tokens carrying loss, all ranks
     tokens: int  # non-pad tokens, all ranks
+    positions: int  # token positions computed, padding included (rows x width), all ranks
     flops: float  # model FLOPs the step needs (medgpt.throughput.step_flops), all ranks
     grad_norm: float  # before clipping
 
@@ -51,9 +52,11 @@ def train_step(engine: deepspeed.DeepSpeedEngine, micro_batches: list[dict[str, 
     """One optimizer step over this rank's micro-batches."""
     answer_counts = [count_label_tokens(b["labels"]) for b in micro_batches]
     local_tokens = sum(int(b["sample_lengths"].sum()) for b in micro_batches)
+    local_positions = sum(b["input_ids"].numel() for b in micro_batches)
     local_flops = sum(step_flops(engine.module.config, b["sample_lengths"], answers)
                       for b, answers in zip(micro_batches, answer_counts))
-    answer_tokens, tokens, flops = dist.all_reduce_sum([sum(answer_counts), local_tokens, local_flops])
+    answer_tokens, tokens, positions, flops = dist.all_reduce_sum(
+        [sum(answer_counts), local_tokens, local_positions, local_flops])
     # DeepSpeed averages gradients over ranks; multiplying by the world size turns that average
     # back into the sum over the global batch, which we divide by its answer-token count.
     scale = dist.world_size / max(answer_tokens, 1.0)
@@ -70,7 +73,7 @@ def train_step(engine: deepspeed.DeepSpeedEngine, micro_batches: list[dict[str, 
     if grad_norm is None:
         grad_norm = float(engine.get_global_grad_norm())
     return StepStats(loss=loss / max(answer_tokens, 1.0), answer_tokens=int(answer_tokens), tokens=int(tokens),
-                     flops=flops, grad_norm=grad_norm)
+                     positions=int(positions), flops=flops, grad_norm=grad_norm)
 
 
 def unreported_grad_norm(engine: deepspeed.DeepSpeedEngine) -> float | None:
@@ -202,7 +205,7 @@ def train(cfg: Config) -> None:
             lr = engine.get_lr()[0]
             step_start = time.perf_counter()
             stats = train_step(engine, [next(batches) for _ in range(t.grad_accum)], dist)
-            window.add(time.perf_counter() - step_start, global_batch, stats.tokens, stats.flops)
+            window.add(time.perf_counter() - step_start, global_batch, stats.tokens, stats.positions, stats.flops)
             state.step += 1
             state.consumed += global_batch
             bar.update(1)

@@ -14,7 +14,7 @@ from medgpt.prompt import IGNORE_INDEX
 from medgpt.throughput import body_params, measure_peak_tflops, step_flops, table_peak_tflops
 
 PERF_TAGS = ("perf/tokens_per_s", "perf/samples_per_s", "perf/step_time_s", "perf/tflops", "perf/mfu",
-             "perf/peak_mem_gib/rank0")
+             "perf/padding_fraction", "perf/peak_mem_gib/rank0")
 
 
 def model_from(config_file):
@@ -96,6 +96,8 @@ def test_two_rank_run_logs_perf_scalars(two_rank_reference):
         tokens = v["perf/tokens_per_s"] * v["perf/step_time_s"]
         flops = v["perf/tflops"] * 1e12 * v["perf/step_time_s"]
         assert 8 * 32 <= tokens <= 8 * 384
+        # Rows are padded to the longest of their micro-batch of 2: padding is there, and below half.
+        assert 0 <= v["perf/padding_fraction"] < 0.5
         # Attention's sum of squared lengths is at least tokens^2 / samples (equal lengths).
         low = (6 * body_params(config) * tokens + 12 * config.n_layer * h * tokens**2 / 8
                + 6 * h * config.vocab_size * 8)
