@@ -1,0 +1,31 @@
+"""bench/bench.py end to end on the tiny model: both frameworks really train and are measured.
+No speed assertions: speed targets live in bench/RESULTS.md, not in tests."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_bench_prints_both_frameworks_with_positive_numbers():
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--sizes", "tiny", "--steps", "2",
+                           "--reps", "1", "--device", "cpu",
+                           "--micro_batch_size", "2", "--grad_accum", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    rows = {cells[0]: cells[1:] for line in proc.stdout.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("| ").split(" | ")]]}
+    assert rows["framework"] == ["useful tokens/s", "vs HF Trainer", "padding", "s/step", "peak mem GiB (max rank)",
+                                 "first step s"]
+    assert set(rows) == {"framework", "medgpt", "HF Trainer"}
+    for name in ("medgpt", "HF Trainer"):
+        tokens_per_s, ratio, padding, step_s, mem, first = (float(re.sub(r"[,x%]", "", c)) for c in rows[name])
+        assert tokens_per_s > 0 and ratio > 0 and step_s > 0 and mem > 0 and first > 0, rows[name]
+        assert 0 <= padding < 100
+    assert rows["HF Trainer"][1] == "1.00x"
+    # The run's header names the work both sides did.
+    assert "2 ranks x micro batch 2 x accumulation 1 = global batch 4" in proc.stdout
