@@ -31,6 +31,9 @@ class ModelConfig:
     # Tokenizer name or folder; empty means the model's own (Hub "gpt2" for a .json config).
     tokenizer: str = ""
     dropout: float = 0.1
+    # Recompute each block's activations in the backward pass (transformers' gradient
+    # checkpointing): less memory, ~1/3 more compute. launcher/plan.py says when it is needed.
+    activation_checkpointing: bool = False
 
 
 @dataclass
