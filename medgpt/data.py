@@ -166,8 +166,8 @@ class ResumableDistributedSampler(DistributedSampler):
                  global_batch: int = 0) -> None:
         super().__init__(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                          seed=seed, drop_last=True)
-        if lengths is not None and global_batch % dist.world_size:
-            raise ValueError(f"global batch {global_batch} is not a multiple of world size {dist.world_size}")
+        if lengths is not None and (global_batch < 1 or global_batch % dist.world_size):
+            raise ValueError(f"global batch {global_batch} is not a positive multiple of world size {dist.world_size}")
         self.lengths, self.global_batch = lengths, global_batch
         self.consumed = 0
 

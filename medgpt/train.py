@@ -120,7 +120,8 @@ def train(cfg: Config) -> None:
     dist = init_distributed()
     t = cfg.train
 
-    # --- Everything that can be wrong with the input is checked before anything is written.
+    # --- Everything that can be wrong with the input is checked before anything is written to output_dir
+    # (the data cache below is written first: the number of packed rows sets the step count).
     raw_ds_config = load_ds_config(t.ds_config)
     records = load_records(cfg.data.data)
     split = official_split(records, cfg.data.fold)
