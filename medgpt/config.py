@@ -45,6 +45,9 @@ class DataConfig:
     seq_len: int = 1024  # longest tokenized sample; contexts are cut to fit
     long_answer: bool = False  # train on "yes. <long answer>" instead of the decision alone
     cache_dir: str = ""  # tokenized-data cache; empty means <HF datasets cache>/medgpt
+    # Pack several training samples into each row of seq_len tokens (attention stays within each
+    # sample); micro_batch_size then counts packed rows. Off: batches are grouped by length.
+    packing: bool = False
 
 
 @dataclass
