@@ -85,8 +85,8 @@ def main() -> None:
               "or add GPUs")
     else:
         print(f"\nrecommended: ZeRO-{best.strategy.stage}, offload {best.strategy.offload}, activation "
-              f"checkpointing {'on' if best.checkpointing else 'off'} ({best.strategy.ds_config}): "
-              "the least sharding that fits")
+              f"checkpointing {'on' if best.checkpointing else 'off'} ({best.strategy.ds_config}"
+              f"{', --activation_checkpointing on' if best.checkpointing else ''}): the least sharding that fits")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ class ModelConfig:
     # Tokenizer name or folder; empty means the model's own (Hub "gpt2" for a .json config).
     tokenizer: str = ""
     dropout: float = 0.1
+    # Recompute each block's activations in the backward pass (transformers' gradient
+    # checkpointing): less memory, ~1/3 more compute. launcher/plan.py says when it is needed.
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -42,6 +45,9 @@ class DataConfig:
     seq_len: int = 1024  # longest tokenized sample; contexts are cut to fit
     long_answer: bool = False  # train on "yes. <long answer>" instead of the decision alone
     cache_dir: str = ""  # tokenized-data cache; empty means <HF datasets cache>/medgpt
+    # Pack several training samples into each row of seq_len tokens (attention stays within each
+    # sample); micro_batch_size then counts packed rows. Off: batches are grouped by length.
+    packing: bool = False
 
 
 @dataclass

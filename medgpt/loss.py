@@ -3,6 +3,9 @@
 Only answer tokens carry loss, so the LM head (a [tokens x 50,257] matmul, most of a small
 model's step) is computed only at positions whose next token is labelled: transformers'
 ``logits_to_keep`` takes those positions. The loss and gradients equal the full computation.
+
+In a packed row no position predicts across a sample boundary: a sample's first token is a
+prompt token, never labelled, so the last token of the sample before it carries no loss.
 """
 from __future__ import annotations
 
@@ -10,6 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from medgpt.prompt import IGNORE_INDEX
+
+# What a batch may hold for the model: attention_mask (padded samples) or position_ids (packed
+# samples; no attention_mask, so that transformers confines attention to each sample).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -22,8 +29,9 @@ def label_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     labels = batch["labels"]
     # Positions p predicting a labelled token p+1 in any row (rows share one index list).
     keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=keep).logits
+    inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
+    # use_cache=False: transformers detects packed samples from position_ids only without a cache.
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     targets = labels[:, keep + 1]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")

@@ -65,9 +65,15 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str,
     """
     transformers.set_seed(seed)
     if _is_config_file(cfg.model):
-        return AutoModelForCausalLM.from_config(config)
-    hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers reads it while loading)
-    return AutoModelForCausalLM.from_pretrained(cfg.model, config=config)
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers reads it while loading)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, config=config)
+    if cfg.activation_checkpointing:
+        # transformers' default: non-reentrant torch checkpointing of every block, which works with
+        # ZeRO-3's gathered parameters.
+        model.activation_checkpointing_enable()
+    return model
 
 
 def check_model_folder(folder: str) -> None:

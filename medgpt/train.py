@@ -21,8 +21,8 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from medgpt.checkpoint import (TrainState, check_same_model, checkpoint_root, convert_to_universal, find_checkpoint,
                                load_checkpoint, model_shape, read_meta, save_checkpoint)
-from medgpt.config import Config
-from medgpt.data import ResumableDistributedSampler, eval_loader, tokenized_dataset, train_loader
+from medgpt.config import Config, DataConfig
+from medgpt.data import ResumableDistributedSampler, eval_loader, train_loader, training_data
 from medgpt.distributed import Dist, init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from medgpt.errors import UserError
@@ -44,6 +44,7 @@ class StepStats:
     tokens: int  # non-pad tokens, all ranks
     positions: int  # token positions computed, padding included (rows x width), all ranks
     flops: float  # model FLOPs the step needs (medgpt.throughput.step_flops), all ranks
+    samples: int  # questions, all ranks (a packed row holds several)
     grad_norm: float  # before clipping
 
 
@@ -53,10 +54,11 @@ def train_step(engine: deepspeed.DeepSpeedEngine, micro_batches: list[dict[str, 
     answer_counts = [count_label_tokens(b["labels"]) for b in micro_batches]
     local_tokens = sum(int(b["sample_lengths"].sum()) for b in micro_batches)
     local_positions = sum(b["input_ids"].numel() for b in micro_batches)
+    local_samples = sum(len(b["sample_lengths"]) for b in micro_batches)
     local_flops = sum(step_flops(engine.module.config, b["sample_lengths"], answers)
                       for b, answers in zip(micro_batches, answer_counts))
-    answer_tokens, tokens, positions, flops = dist.all_reduce_sum(
-        [sum(answer_counts), local_tokens, local_positions, local_flops])
+    answer_tokens, tokens, positions, samples, flops = dist.all_reduce_sum(
+        [sum(answer_counts), local_tokens, local_positions, local_samples, local_flops])
     # DeepSpeed averages gradients over ranks; multiplying by the world size turns that average
     # back into the sum over the global batch, which we divide by its answer-token count.
     scale = dist.world_size / max(answer_tokens, 1.0)
@@ -73,7 +75,7 @@ def train_step(engine: deepspeed.DeepSpeedEngine, micro_batches: list[dict[str, 
     if grad_norm is None:
         grad_norm = float(engine.get_global_grad_norm())
     return StepStats(loss=loss / max(answer_tokens, 1.0), answer_tokens=int(answer_tokens), tokens=int(tokens),
-                     positions=int(positions), flops=flops, grad_norm=grad_norm)
+                     positions=int(positions), flops=flops, samples=int(samples), grad_norm=grad_norm)
 
 
 def unreported_grad_norm(engine: deepspeed.DeepSpeedEngine) -> float | None:
@@ -110,12 +112,29 @@ def _accumulation_for(saved: dict, micro_batch_size: int, world_size: int) -> in
     return accum
 
 
+def _check_same_packing(saved: dict, data: DataConfig, tag_dir: Path) -> None:
+    """A checkpoint's data position counts packed rows or samples, and packs depend on seq_len:
+    the position means nothing with another setting."""
+    was = saved["config"]["data"].get("packing", False)  # checkpoints from before packing: off
+    on_off = {True: "on", False: "off"}
+    if was != data.packing:
+        raise UserError(f"checkpoint '{tag_dir}' was trained with --packing {on_off[was]}, this run asks for "
+                        f"--packing {on_off[data.packing]}; its position in the epoch only holds with the same "
+                        f"setting: resume with --packing {on_off[was]}, or start fresh in another --output_dir")
+    if data.packing and saved["config"]["data"]["seq_len"] != data.seq_len:
+        raise UserError(f"checkpoint '{tag_dir}' packed its samples into rows of seq_len "
+                        f"{saved['config']['data']['seq_len']}, this run asks for {data.seq_len}; its position in "
+                        "the epoch only holds for the same packs: resume with the same --seq_len, or start fresh "
+                        "in another --output_dir")
+
+
 def train(cfg: Config) -> None:
     stop_request = StopRequest()  # first: a signal that arrives during start-up is not lost
     dist = init_distributed()
     t = cfg.train
 
-    # --- Everything that can be wrong with the input is checked before anything is written.
+    # --- Everything that can be wrong with the input is checked before anything is written to output_dir
+    # (the data cache below is written first: the number of packed rows sets the step count).
     raw_ds_config = load_ds_config(t.ds_config)
     records = load_records(cfg.data.data)
     split = official_split(records, cfg.data.fold)
@@ -128,16 +147,22 @@ def train(cfg: Config) -> None:
     saved = read_meta(resume_from) if resume_from else None
     if saved:
         check_same_model(saved, model_config, resume_from)
+        _check_same_packing(saved, cfg.data, resume_from)
         accum = _accumulation_for(saved, t.micro_batch_size, dist.world_size)
         if accum != t.grad_accum and dist.is_main:
             print(f"medgpt: grad_accum {t.grad_accum} -> {accum} keeps the checkpoint's global batch "
                   f"{saved['global_batch']} on {dist.world_size} rank(s)", flush=True)
         t.grad_accum = accum
-    global_batch = t.micro_batch_size * t.grad_accum * dist.world_size
-    steps_per_epoch = len(split.train) // global_batch
+    # --- Data: tokenized (and packed) once per machine, or ahead by launcher/prepare_data.py.
+    data = training_data(records, split, tokenizer, cfg.data, dist)
+    if dist.is_main:
+        print(f"medgpt: {'reused' if data.reused else 'built'} training data cache {data.cache}", flush=True)
+    global_batch = t.micro_batch_size * t.grad_accum * dist.world_size  # rows: samples, or packs
+    steps_per_epoch = len(data.train) // global_batch
     if steps_per_epoch == 0:
+        rows = "packed rows" if cfg.data.packing else "questions"
         raise UserError(f"global batch {global_batch} (micro_batch_size x grad_accum x world size) is larger "
-                        f"than the {len(split.train)} training questions; lower micro_batch_size or grad_accum")
+                        f"than the {len(data.train)} training {rows}; lower micro_batch_size or grad_accum")
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     ds_config = resolve_ds_config(raw_ds_config, cfg, dist.world_size, total_steps,
                                   hidden_size=model_config.n_embd, on_gpu=dist.device.type == "cuda")
@@ -151,13 +176,12 @@ def train(cfg: Config) -> None:
     if reshard:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
 
-    # --- Data: tokenized once per machine, then sharded.
-    tokens = tokenized_dataset(records, tokenizer, cfg.data, dist)
-    train_set, dev_set = tokens.select(split.train), tokens.select(split.dev)
     pad_id = tokenizer.eos_token_id  # GPT-2 has no pad token; padded positions are masked anyway
-    sampler = ResumableDistributedSampler(train_set, dist, seed=t.seed)
-    loader = train_loader(train_set, sampler, t.micro_batch_size, pad_id)
-    dev_loader = eval_loader(dev_set, dist, t.eval_batch_size, pad_id)
+    # Without packing, batches are grouped by length (packed rows are all about seq_len long).
+    lengths = None if cfg.data.packing else [len(ids) for ids in data.train["input_ids"]]
+    sampler = ResumableDistributedSampler(data.train, dist, seed=t.seed, lengths=lengths, global_batch=global_batch)
+    loader = train_loader(data.train, sampler, t.micro_batch_size, pad_id, packed=cfg.data.packing)
+    dev_loader = eval_loader(data.dev, dist, t.eval_batch_size, pad_id)
     dev_records, test_records = [records[i] for i in split.dev], [records[i] for i in split.test]
 
     output_dir = Path(t.output_dir)
@@ -205,7 +229,7 @@ def train(cfg: Config) -> None:
             lr = engine.get_lr()[0]
             step_start = time.perf_counter()
             stats = train_step(engine, [next(batches) for _ in range(t.grad_accum)], dist)
-            window.add(time.perf_counter() - step_start, global_batch, stats.tokens, stats.positions, stats.flops)
+            window.add(time.perf_counter() - step_start, stats.samples, stats.tokens, stats.positions, stats.flops)
             state.step += 1
             state.consumed += global_batch
             bar.update(1)

@@ -1,0 +1,205 @@
+"""Packing (several samples per row, attention and loss per sample), length-grouped batching,
+and the cache that prepare_data.py builds ahead of training."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from conftest import ORI_JSON, REPO, TINY_MODEL, TOKENIZER, check_ok, launch, read_scalars, tiny_args
+from medgpt.config import DataConfig
+from medgpt.data import (ResumableDistributedSampler, collate, collate_packs, packed_dataset, padding_fraction,
+                         tokenized_dataset)
+from medgpt.distributed import Dist
+from medgpt.errors import USER_ERROR_EXIT
+from medgpt.loss import label_loss_sum
+from medgpt.prompt import IGNORE_INDEX
+from medgpt.pubmedqa import load_records, official_split
+
+PREPARE_PY = str(REPO / "launcher" / "prepare_data.py")
+
+
+def solo() -> Dist:
+    return Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory):
+    """The real tokenized PubMedQA at seq_len 1024, the fold-0 train rows and their packs."""
+    records = load_records(str(ORI_JSON))
+    train_rows = official_split(records, fold=0).train
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    cfg = DataConfig(seq_len=1024, cache_dir=str(tmp_path_factory.mktemp("pack-cache")))
+    tokens = tokenized_dataset(records, tokenizer, cfg, solo())
+    return tokens, train_rows, packed_dataset(tokens, train_rows, cfg.seq_len, solo())
+
+
+def test_packs_hold_every_training_sample_once_with_little_padding(real_data):
+    tokens, train_rows, packs = real_data
+    assert sorted(r for rows in packs["rows"] for r in rows) == sorted(train_rows)
+    for pack in packs:
+        assert len(pack["input_ids"]) == len(pack["labels"]) == sum(pack["sample_lengths"]) <= 1024
+        assert pack["input_ids"] == [t for r in pack["rows"] for t in tokens[r]["input_ids"]]
+    assert padding_fraction(packs, 1024) < 0.05
+
+
+def test_no_position_predicts_across_a_sample_boundary(real_data):
+    """Every sample starts with an unlabelled prompt token, so the shifted loss (position p
+    predicts p+1) never asks the end of one sample for the start of the next, nor for padding."""
+    _, _, packs = real_data
+    two = [packs[0], packs[len(packs) - 1]]
+    batch = collate_packs(two, pad_id=0)
+    starts = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = batch["position_ids"][:, 1:] == 0  # a new sample or the padding segment
+    assert batch["position_ids"][1, -1] > 0  # the second row is padded: a segment of its own
+    assert starts.sum() == len(batch["sample_lengths"]) + 1
+    assert (batch["labels"][starts] == IGNORE_INDEX).all()
+    assert batch["sample_lengths"].tolist() == two[0]["sample_lengths"] + two[1]["sample_lengths"]
+
+
+def tiny_model() -> GPT2LMHeadModel:
+    config = GPT2Config.from_json_file(str(TINY_MODEL))
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).float()
+
+
+def only_sample(batch: dict[str, torch.Tensor], row: int, start: int, length: int) -> dict[str, torch.Tensor]:
+    """The packed batch with the labels of one sample only."""
+    labels = torch.full_like(batch["labels"], IGNORE_INDEX)
+    labels[row, start:start + length] = batch["labels"][row, start:start + length]
+    return {**batch, "labels": labels}
+
+
+def test_packed_loss_and_gradients_equal_each_sample_alone(real_data):
+    tokens, _, packs = real_data
+    two = [max(packs, key=lambda p: len(p["sample_lengths"])), packs[len(packs) - 1]]  # the second is padded
+    batch = collate_packs(two, pad_id=50256)
+    model = tiny_model()
+
+    checked = 0
+    for row, pack in enumerate(two):
+        start = 0
+        for sample, length in zip(pack["rows"], pack["sample_lengths"]):
+            with torch.no_grad():
+                packed = label_loss_sum(model, only_sample(batch, row, start, length))
+                alone = label_loss_sum(model, collate([tokens[sample]], pad_id=50256))
+            torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
+            start, checked = start + length, checked + 1
+    assert checked == len(batch["sample_lengths"]) >= 4
+
+    label_loss_sum(model, batch).backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for sample in [r for pack in two for r in pack["rows"]]:
+        label_loss_sum(model, collate([tokens[sample]], pad_id=50256)).backward()
+    for packed_grad, p in zip(packed_grads, model.parameters()):
+        torch.testing.assert_close(packed_grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_stays_within_each_sample(real_data):
+    _, _, packs = real_data
+    pack = max(packs, key=lambda p: len(p["sample_lengths"]))
+    batch = collate_packs([pack], pad_id=50256)
+    first = pack["sample_lengths"][0]
+    changed = batch["input_ids"].clone()
+    changed[0, :first] = torch.randint(0, 50000, (first,), generator=torch.Generator().manual_seed(0))
+    model = tiny_model()
+
+    def logits(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0, first:]
+
+    # Other tokens in sample A leave every later sample's logits as they were...
+    torch.testing.assert_close(logits(changed, batch["position_ids"]), logits(batch["input_ids"], batch["position_ids"]))
+    # ...whereas one causal sequence (positions not restarting) lets them through.
+    plain = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
+    assert not torch.allclose(logits(changed, plain), logits(batch["input_ids"], plain), atol=1e-3)
+
+
+def micro_batches(world: int, accum: int, micro: int, lengths: list[int], grouped: bool) -> list[list[list[int]]]:
+    """Per optimizer step, the micro-batches of every rank (rank-major) of epoch 0."""
+    global_batch = world * accum * micro
+    shards = []
+    for rank in range(world):
+        sampler = ResumableDistributedSampler(lengths, Dist(rank, world, rank, torch.device("cpu")), seed=3,
+                                              lengths=lengths if grouped else None, global_batch=global_batch)
+        sampler.set_epoch(0)
+        order = list(sampler)
+        shards.append([order[i:i + micro] for i in range(0, len(order) - micro + 1, micro)])
+    steps = len(lengths) // global_batch
+    return [[shard[k * accum + j] for shard in shards for j in range(accum)] for k in range(steps)]
+
+
+def padding_share(steps: list[list[list[int]]], lengths: list[int]) -> float:
+    padded = sum(max(lengths[i] for i in mb) * len(mb) for step in steps for mb in step)
+    return 1 - sum(lengths[i] for step in steps for mb in step for i in mb) / padded
+
+
+def test_length_grouping_cuts_padding_and_keeps_global_batches(real_data):
+    tokens, train_rows, _ = real_data
+    lengths = [len(tokens[r]["input_ids"]) for r in train_rows]
+    grouped = micro_batches(2, 2, 4, lengths, grouped=True)
+    shuffled = micro_batches(2, 2, 4, lengths, grouped=False)
+    assert padding_share(grouped, lengths) < padding_share(shuffled, lengths) / 4
+    # Global batch k is the same samples on 2 ranks x accumulation 2 and on 1 rank x accumulation 4.
+    alone = micro_batches(1, 4, 4, lengths, grouped=True)
+    assert [sorted(i for mb in step for i in mb) for step in grouped] == \
+           [sorted(i for mb in step for i in mb) for step in alone]
+    # Every step is a new set of samples, and mid-epoch resume skips whole global batches.
+    flat = [i for step in grouped for mb in step for i in mb]
+    assert len(flat) == len(set(flat)) == len(lengths) // 16 * 16
+    sampler = ResumableDistributedSampler(lengths, Dist(1, 2, 1, torch.device("cpu")), seed=3, lengths=lengths,
+                                          global_batch=16)
+    sampler.set_epoch(0)
+    epoch = list(sampler)
+    sampler.set_epoch(0, consumed=32)
+    assert list(sampler) == epoch[16:]
+
+
+@pytest.fixture(scope="module")
+def prepared_then_trained(tmp_path_factory):
+    """prepare_data.py builds the packed cache; a 2-rank packed run then trains from it."""
+    cache, out = tmp_path_factory.mktemp("prepared-cache"), tmp_path_factory.mktemp("packed-run")
+    args = tiny_args(out, cache, packing="on", max_steps=4, eval_every=0)
+    prepare = subprocess.run([sys.executable, PREPARE_PY, *args], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    check_ok(prepare)
+    before = {p.name: p.stat().st_ino for p in cache.iterdir()}
+    run = launch(args, launcher="torchrun", nproc=2)
+    check_ok(run)
+    return prepare, before, cache, run, out
+
+
+def test_prepare_data_builds_the_cache_training_reuses(prepared_then_trained):
+    prepare, before, cache, run, _ = prepared_then_trained
+    built = next(line for line in prepare.stdout.splitlines() if "built training data cache" in line)
+    assert "padding" in prepare.stdout and built.split()[-1] in run.stdout
+    assert f"reused training data cache {built.split()[-1]}" in run.stdout
+    # Nothing was tokenized or packed again: the same folders (inodes), and no staging folder.
+    assert {p.name: p.stat().st_ino for p in cache.iterdir()} == before
+    assert len(before) == 2 and not any(name.startswith(".building-") for name in before)
+
+
+def test_two_rank_packed_run_trains(prepared_then_trained):
+    *_, out = prepared_then_trained
+    scalars = read_scalars(out)
+    losses = [v for _, v in scalars["train/loss"]]
+    assert len(losses) == 4 and all(0 < v < 20 for v in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("change, fix", [(dict(packing="off"), "resume with --packing on"),
+                                         (dict(packing="on", seq_len=512), "resume with the same --seq_len")])
+def test_resume_with_other_packing_is_refused(prepared_then_trained, data_cache, change, fix):
+    *_, out = prepared_then_trained
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    proc = launch(tiny_args(out, data_cache, max_steps=8, eval_every=0, **change))
+    assert proc.returncode == USER_ERROR_EXIT, proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("medgpt: error: checkpoint") and fix in error
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
