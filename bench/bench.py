@@ -49,9 +49,16 @@ MODEL_SHAPES = {"tiny": REPO / "configs" / "models" / "tiny.json",
                 "gpt2-124m": REPO / "configs" / "models" / "gpt2-124m.json"}
 BASELINE = "HF Trainer"
 
-# medgpt's modes under test: row name -> extra launcher/train.py flags. Packing (branch `pack`)
-# adds its modes here, e.g. {"medgpt packing": ["--packing", "on"], "medgpt": ["--packing", "off"]}.
-MEDGPT_MODES: dict[str, list[str]] = {"medgpt": []}
+# medgpt's rows of the table: name -> launcher/train.py flags that differ from the shared work.
+PACKING, GROUPED = "medgpt, packing", "medgpt, length-grouped"
+
+
+def medgpt_modes(work: Work) -> dict[str, dict[str, object]]:
+    """Packing counts micro_batch_size in packed rows of up to seq_len tokens: it gets as many
+    rows as hold about the samples of one unpacked micro-batch (rounded), so both modes and the
+    baseline train on about the same tokens per step."""
+    return {PACKING: {"packing": "true", "micro_batch_size": work.packed_micro_batch_size},
+            GROUPED: {"packing": "false"}}
 
 
 @dataclass(frozen=True)
@@ -67,18 +74,20 @@ class Work:
     micro_batch_size: int
     grad_accum: int
     steps: int
+    packed_micro_batch_size: int
     lr: float = 1e-4
     warmup_steps: int = 1
     dropout: float = 0.1
     seed: int = 42
 
-    def flags(self, output_dir: Path, steps: int) -> list[str]:
+    def flags(self, output_dir: Path, steps: int, **overrides: object) -> list[str]:
         """Flags both launchers share (same names on purpose)."""
         values = dict(model=MODEL_SHAPES[self.size], tokenizer=self.tokenizer, data=self.data,
                       ds_config=self.ds_config, cache_dir=self.cache_dir, precision=self.precision,
                       seq_len=self.seq_len, micro_batch_size=self.micro_batch_size, grad_accum=self.grad_accum,
                       max_steps=steps, lr=self.lr, warmup_steps=self.warmup_steps, dropout=self.dropout,
                       seed=self.seed, output_dir=output_dir)
+        values.update(overrides)
         return [item for key, value in values.items() for item in (f"--{key}", str(value))]
 
 
@@ -99,6 +108,7 @@ class Run:
     def metrics(self, peak_tflops_total: float | None) -> dict[str, float]:
         m = {"tokens_per_s": sum(self.tokens[1:]) / self.elapsed,
              "step_s": self.elapsed / (len(self.end_times) - 1),
+             "tokens_per_step": sum(self.tokens) / len(self.tokens),
              "padding": 1 - sum(self.tokens) / sum(self.positions),
              "peak_mem_gib": self.peak_mem_gib,
              "first_step_s": self.end_times[0] - self.launched}
@@ -145,13 +155,12 @@ def read_events(output_dir: Path):
     return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
 
 
-def run_medgpt(work: Work, mode_flags: list[str], steps: int, run_dir: Path, nproc: int, env: dict[str, str],
+def run_medgpt(work: Work, mode: dict[str, object], steps: int, run_dir: Path, nproc: int, env: dict[str, str],
                timeout: float) -> Run:
     """launcher/train.py with --log_every 1, stopped once step ``steps`` is logged."""
     log = run_dir / "log.txt"
     launched = time.time()
-    proc = torchrun(REPO / "launcher" / "train.py",
-                    work.flags(run_dir, steps) + ["--log_every", "1", "--eval_every", "0", *mode_flags],
+    proc = torchrun(REPO / "launcher" / "train.py", work.flags(run_dir, steps, log_every=1, eval_every=0, **mode),
                     nproc, log, env)
     last_tag = f"perf/peak_mem_gib/rank{nproc - 1}"  # the last scalar of a step's log call
     try:
@@ -203,6 +212,23 @@ def run_baseline(work: Work, steps: int, run_dir: Path, nproc: int, env: dict[st
                peak_mem_gib=max(rank["peak_mem_bytes"] for rank in ranks) / 2**30)
 
 
+def samples_per_pack(tokenizer: Path, data: Path, seq_len: int, cache_dir: Path) -> float:
+    """Mean training samples per packed row: medgpt's own packs (cached, as its runs read them)."""
+    from transformers import AutoTokenizer
+
+    from medgpt.config import DataConfig
+    from medgpt.data import training_data
+    from medgpt.distributed import Dist
+    from medgpt.pubmedqa import load_records, official_split
+
+    records = load_records(str(data))
+    split = official_split(records, fold=0)
+    cfg = DataConfig(data=str(data), seq_len=seq_len, cache_dir=str(cache_dir), packing=True)
+    alone = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    packs = training_data(records, split, AutoTokenizer.from_pretrained(tokenizer), cfg, alone).train
+    return len(split.train) / len(packs)
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -218,7 +244,7 @@ def machine() -> str:
 
 def fmt_row(name: str, m: dict[str, float], baseline: dict[str, float], gpu: bool) -> str:
     cells = [name, f"{m['tokens_per_s']:,.0f}", f"{m['tokens_per_s'] / baseline['tokens_per_s']:.2f}x",
-             f"{m['padding']:.1%}", f"{m['step_s']:.3f}", f"{m['peak_mem_gib']:.2f}", f"{m['first_step_s']:.1f}"]
+             f"{m['padding']:.1%}", f"{m['tokens_per_step']:,.0f}", f"{m['step_s']:.3f}", f"{m['peak_mem_gib']:.2f}", f"{m['first_step_s']:.1f}"]
     if gpu:
         cells.append(f"{m['mfu']:.1%}")
     return "| " + " | ".join(cells) + " |"
@@ -228,12 +254,14 @@ def table(work: Work, nproc: int, reps: int, results: dict[str, list[Run]], peak
     gpu = peak_total is not None
     medians = {name: {k: statistics.median(r.metrics(peak_total)[k] for r in runs)
                       for k in runs[0].metrics(peak_total)} for name, runs in results.items()}
-    header = ["framework", "useful tokens/s", f"vs {BASELINE}", "padding", "s/step", "peak mem GiB (max rank)",
+    header = ["framework", "useful tokens/s", f"vs {BASELINE}", "padding", "tokens/step", "s/step",
+              "peak mem GiB (max rank)",
               "first step s"] + (["MFU"] if gpu else [])
     lines = [f"### {work.size} ({MODEL_SHAPES[work.size].relative_to(REPO)}): {nproc} ranks x micro batch "
              f"{work.micro_batch_size} x accumulation {work.grad_accum} = global batch "
              f"{nproc * work.micro_batch_size * work.grad_accum}, seq_len {work.seq_len}, {work.precision}, "
-             f"{work.steps} steps, median of {reps} rep(s)", "",
+             f"{work.steps} steps, median of {reps} rep(s); packing: {work.packed_micro_batch_size} packed "
+             f"row(s) per micro batch", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += [fmt_row(name, m, medians[BASELINE], gpu) for name, m in medians.items()]
     return "\n".join(lines)
@@ -247,9 +275,10 @@ def bench_size(work: Work, reps: int, nproc: int, env: dict[str, str], tmp: Path
         print(f"bench: {work.size} {name} {tag} ({steps} steps)", file=sys.stderr, flush=True)
         if name == BASELINE:
             return run_baseline(work, steps, run_dir, nproc, env, timeout)
-        return run_medgpt(work, MEDGPT_MODES[name], steps, run_dir, nproc, env, timeout)
+        return run_medgpt(work, modes[name], steps, run_dir, nproc, env, timeout)
 
-    names = [*MEDGPT_MODES, BASELINE]
+    modes = medgpt_modes(work)
+    names = [*modes, BASELINE]
     for name in names:  # untimed: JIT-compiled ops and the tokenized-data cache are warm for both
         run(name, 1, "warmup")
     results: dict[str, list[Run]] = {name: [] for name in names}
@@ -262,10 +291,10 @@ def bench_size(work: Work, reps: int, nproc: int, env: dict[str, str], tmp: Path
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="tiny,gpt2-124m", help=f"comma-separated: {', '.join(MODEL_SHAPES)}")
-    p.add_argument("--steps", default="20,5", help="optimizer steps per run (>= 2): one value, or one per size")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--steps", default="10,4", help="optimizer steps per run (>= 2): one value, or one per size")
+    p.add_argument("--reps", default="3,2", help="timed repetitions (>= 1): one value, or one per size")
     p.add_argument("--micro_batch_size", type=int, default=4)
-    p.add_argument("--grad_accum", type=int, default=2)
+    p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: the GPUs if torch sees any (bf16, one rank per GPU), else 2 CPU ranks (fp32)")
@@ -278,13 +307,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.sizes = args.sizes.split(",")
     unknown = [s for s in args.sizes if s not in MODEL_SHAPES]
-    steps = [int(s) for s in args.steps.split(",")]
-    if len(steps) == 1:
-        steps *= len(args.sizes)
-    if unknown or len(steps) != len(args.sizes) or min(steps) < 2 or args.reps < 1:
-        p.error(f"--sizes takes {', '.join(MODEL_SHAPES)}; --steps one value >= 2 or one per size; --reps >= 1")
-    args.steps = steps
+    args.steps, args.reps = (per_size(value, len(args.sizes)) for value in (args.steps, args.reps))
+    if unknown or not args.steps or not args.reps or min(args.steps) < 2 or min(args.reps) < 1:
+        p.error(f"--sizes takes {', '.join(MODEL_SHAPES)}; --steps (>= 2) and --reps (>= 1) take one whole number "
+                "or one per size")
     return args
+
+
+def per_size(text: str, sizes: int) -> list[int]:
+    """'5' or '5,2' (one per size) -> one int per size; [] if malformed."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        return []
+    values = values * sizes if len(values) == 1 else values
+    return values if len(values) == sizes else []
 
 
 def main(argv: list[str]) -> None:
@@ -312,12 +349,15 @@ def main(argv: list[str]) -> None:
     load = os.getloadavg()
     tables = []
     with tempfile.TemporaryDirectory(prefix="medgpt-bench-") as tmp:
-        for size, steps in zip(args.sizes, args.steps):
+        cache_dir = Path(tmp) / "cache"
+        per_pack = samples_per_pack(args.tokenizer, args.data, args.seq_len, cache_dir)
+        for size, steps, reps in zip(args.sizes, args.steps, args.reps):
             work = Work(size=size, tokenizer=args.tokenizer.resolve(), data=args.data.resolve(),
-                        ds_config=args.ds_config.resolve(), cache_dir=Path(tmp) / "cache",
+                        ds_config=args.ds_config.resolve(), cache_dir=cache_dir,
                         precision="bf16" if gpu else "fp32", seq_len=args.seq_len,
-                        micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum, steps=steps)
-            tables.append(bench_size(work, args.reps, nproc, env, Path(tmp), args.timeout, peak_total))
+                        micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum, steps=steps,
+                        packed_micro_batch_size=max(1, round(args.micro_batch_size / per_pack)))
+            tables.append(bench_size(work, reps, nproc, env, Path(tmp), args.timeout, peak_total))
             print(tables[-1] + "\n", flush=True)
     minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
     if args.write:
