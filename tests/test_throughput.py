@@ -93,7 +93,7 @@ def test_two_rank_run_logs_perf_scalars(two_rank_reference):
         assert v["perf/samples_per_s"] * v["perf/step_time_s"] == pytest.approx(8, rel=1e-4)
         # The FLOPs per step lie between what the tokens and answers need at least and at most
         # (samples of <= seq_len 384 tokens; 1 or 2 answer positions: decision, EOS).
-        tokens = v["perf/tokens_per_s"] * v["perf/step_time_s"]
+        tokens = round(v["perf/tokens_per_s"] * v["perf/step_time_s"])  # TensorBoard keeps float32
         flops = v["perf/tflops"] * 1e12 * v["perf/step_time_s"]
         assert 8 * 32 <= tokens <= 8 * 384
         # Rows are padded to the longest of their micro-batch of 2: padding is there, and below half.
