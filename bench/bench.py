@@ -326,6 +326,14 @@ def per_size(text: str, sizes: int) -> list[int]:
     return values if len(values) == sizes else []
 
 
+def resolved(args: argparse.Namespace, gpu: bool, nproc: int) -> str:
+    """The settings this invocation ran with, defaults included (defaults may change)."""
+    return (f"--sizes {','.join(args.sizes)} --steps {','.join(map(str, args.steps))} "
+            f"--reps {','.join(map(str, args.reps))} --micro_batch_size {args.micro_batch_size} "
+            f"--grad_accum {args.grad_accum} --seq_len {args.seq_len} --device {'gpu' if gpu else 'cpu'} "
+            f"--nproc {nproc}")
+
+
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     gpu = args.device == "gpu" or args.device == "auto" and torch.cuda.is_available()
@@ -368,7 +376,8 @@ def main(argv: list[str]) -> None:
                    f"- machine: {machine()}",
                    f"- load average (1/5/15 min) at start: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; "
                    f"the whole invocation took {minutes:.1f} min",
-                   f"- command: `{command}`", "", *[t + "\n" for t in tables]]
+                   f"- command: `{command}`; resolved: `{resolved(args, gpu, nproc)}`", "",
+                   *[t + "\n" for t in tables]]
         with RESULTS.open("a") as f:
             f.write("\n" + "\n".join(section))
         print(f"bench: appended to {RESULTS}", file=sys.stderr)
