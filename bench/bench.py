@@ -1,12 +1,13 @@
 """medgpt against the Hugging Face Trainer + DeepSpeed on the same work, side by side.
 
     python bench/bench.py                              # both sizes, CPU: 2 ranks on gloo, fp32
-    python bench/bench.py --sizes tiny --steps 20 --reps 3 --write
+    python bench/bench.py --sizes tiny --steps 56 --reps 3 --write
 
 Both sides are launched as real ``torchrun`` jobs with the same model shape (random init, one
 seed), tokenizer, PubMedQA training fold, prompt (medgpt's tokenized cache), DeepSpeed JSON,
 micro batch x accumulation x ranks, optimizer steps, learning rate and precision: medgpt as
-``launcher/train.py``, the baseline as ``bench/hf_trainer.py``. Each side first runs once untimed
+``launcher/train.py`` (twice: with packing and with length-grouped batches, see
+:func:`medgpt_modes`), the baseline as ``bench/hf_trainer.py``. Each side first runs once untimed
 (DeepSpeed's JIT-compiled ops and the tokenized-data cache are then warm for both); then the
 repetitions alternate the order of the sides, and the table holds medians over repetitions.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -190,8 +192,6 @@ def run_medgpt(work: Work, mode: dict[str, object], steps: int, run_dir: Path, n
 
 def run_baseline(work: Work, steps: int, run_dir: Path, nproc: int, env: dict[str, str], timeout: float) -> Run:
     """bench/hf_trainer.py, to its end; it writes one bench_rank<r>.json per rank."""
-    import json
-
     log = run_dir / "log.txt"
     launched = time.time()
     proc = torchrun(REPO / "bench" / "hf_trainer.py", work.flags(run_dir, steps), nproc, log, env)
