@@ -193,20 +193,25 @@ class ResumableDistributedSampler(DistributedSampler):
         return self.num_samples - self.consumed // self.num_replicas
 
 
+def _right_padded(rows: list[dict[str, Any]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """input_ids and labels of the rows, right-padded to the longest (padding: no loss), and
+    each row's length."""
+    lengths = [len(r["input_ids"]) for r in rows]
+    input_ids = torch.full((len(rows), max(lengths)), pad_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for i, (r, n) in enumerate(zip(rows, lengths)):
+        input_ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+    return input_ids, labels, lengths
+
+
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row of the batch; padding carries no loss and no attention.
     ``sample_lengths`` holds each row's real token count (throughput counts no padding)."""
-    width = max(len(r["input_ids"]) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        input_ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        attention_mask[i, :n] = 1
+    input_ids, labels, lengths = _right_padded(rows, pad_id)
+    attention_mask = (torch.arange(input_ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "sample_lengths": attention_mask.sum(dim=1)}
+            "sample_lengths": torch.tensor(lengths)}
 
 
 def collate_packs(packs: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -214,14 +219,10 @@ def collate_packs(packs: list[dict[str, Any]], pad_id: int) -> dict[str, torch.T
     at 0 at each sample, and from those restarts transformers confines attention to each sample
     (``masking_utils.find_packed_sequence_indices``). The padding is one more segment of its own
     with ignored labels: it attends only to itself and carries no loss."""
-    width = max(len(p["input_ids"]) for p in packs)
-    input_ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(packs), width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.empty((len(packs), width), dtype=torch.long)
-    for i, p in enumerate(packs):
-        n = len(p["input_ids"])
-        input_ids[i, :n] = torch.tensor(p["input_ids"])
-        labels[i, :n] = torch.tensor(p["labels"])
+    input_ids, labels, lengths = _right_padded(packs, pad_id)
+    width = input_ids.shape[1]
+    position_ids = torch.empty_like(input_ids)
+    for i, (p, n) in enumerate(zip(packs, lengths)):
         segments = p["sample_lengths"] + ([width - n] if width > n else [])
         position_ids[i] = torch.cat([torch.arange(length) for length in segments])
     sample_lengths = torch.tensor([n for p in packs for n in p["sample_lengths"]], dtype=torch.long)
