@@ -218,15 +218,15 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> int:
       writes in Python so autograd keeps four 4h tensors where the paper counts one (+12 values).
       Plus the softmax, a*s*s*b values, and with dropout its 1-byte mask and the dropped
       probabilities: the paper's 5*a*s/h in 16-bit.
-    - SDPA (transformers' default; flash / memory-efficient kernels on GPU), 30 values: no s x s
-      term, but the whole c_attn output (3 values) stays alive for k and v beside a copy of q,
-      and the kernel's output is kept; its log-sum-exp (a*s*b fp32) is negligible.
+    - SDPA (transformers' default; flash / memory-efficient kernels on GPU), the same 28 values
+      and no s x s term; its log-sum-exp (a*s*b fp32) is negligible. (With a KV cache alive in
+      the forward, transformers' default use_cache=True, 30: medgpt trains with use_cache=False.)
     - dropout: two 1-byte masks of s*b*h (attention and MLP residual dropout; CUDA's masks are
-      bool). The paper's 34 is 32 values + 2 masks: GPT-2 here keeps 24-26 more bytes per s*b*h.
+      bool). The paper's 34 is 32 values + 2 masks: GPT-2 here keeps 24 more bytes per s*b*h.
     """
     s, b, h, a, p = work.seq_len, work.micro_batch, shape.hidden, shape.heads, PRECISION_BYTES[work.precision]
-    # Widths of the kept tensors: 8 (eager) or 10 (SDPA) of width h, 5 of the MLP's width.
-    kept_width = (8 + 2 * (work.attention == "sdpa")) * h + 5 * shape.inner
+    # Widths of the kept tensors: 8 of width h, 5 of the MLP's width.
+    kept_width = 8 * h + 5 * shape.inner
     per_layer = s * b * (kept_width * p + 2 * h * work.dropout)
     if work.attention == "eager":
         per_layer += a * s * s * b * (p + work.dropout * (p + 1))

@@ -136,7 +136,7 @@ def test_activation_estimate_matches_what_autograd_keeps(attention, dtype):
 
 
 def test_cli_prints_the_table_and_a_recommendation():
-    proc = launch(["--model", "gpt2-xl", "--gpus", "8", "--gpu_mem", "40", "--micro_batch_size", "8"],
+    proc = launch(["--model", "gpt2-xl", "--gpus", "8", "--gpu_mem", "36", "--micro_batch_size", "8"],
                   script=PLAN_PY, timeout=120)
     check_ok(proc)
     lines = proc.stdout.splitlines()  # (on CPU DeepSpeed first logs "Setting accelerator to CPU")
@@ -144,7 +144,7 @@ def test_cli_prints_the_table_and_a_recommendation():
     table = [line.split() for line in lines if line[:4].strip().isdigit()]
     assert len(table) == 16
     fits = {(r[0], r[1], r[2]): r[-2:] != ["not", "fit"] for r in table}
-    # 8 x 1024 tokens x 48 layers of bf16 activations (36 GiB) fit no layout's 36 GiB budget
+    # 8 x 1024 tokens x 48 layers of bf16 activations (34 GiB) fit no layout's 32 GiB budget
     # without checkpointing; with it, all do, ZeRO-0 first.
     assert not any(fit for (_, _, ckpt), fit in fits.items() if ckpt == "no")
     assert all(fit for (_, _, ckpt), fit in fits.items() if ckpt == "yes")

@@ -127,7 +127,7 @@ def test_srun_tasks_are_ranks(slurm_env, tmp_path):
     python in the batch script of the same 2-task job is not a task of a step: rank 0 of 1."""
     script = tmp_path / "ranks.sh"
     script.write_text(f'#!/bin/bash\n"$MEDGPT_PYTHON" -c "{INIT_SNIPPET}"\nsrun --label "$MEDGPT_PYTHON" -c "{INIT_SNIPPET}"\n')
-    job = submit(slurm_env, tmp_path, str(script), options=("--ntasks=2",))
+    job = submit(slurm_env, tmp_path, str(script), options=("--nodes=1", "--ntasks=2"))
     info = finished(slurm_env, job)
     lines = log_of(tmp_path).splitlines()
     assert info["JobState"] == "COMPLETED", lines[-40:]
