@@ -40,7 +40,9 @@ start_munge() {
 write_conf() {
     local host cpus memory
     host=$(hostname -s)
-    cpus=$(nproc)
+    # The cores there are: GNU nproc reports OMP_NUM_THREADS instead when it is set (the tests set
+    # it to 1 for their training processes), and a 1-CPU node cannot run a 2-task job.
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     # RealMemory a bit under what is free, or slurmd refuses to register the node.
     memory=$(( $(free -m | awk '/^Mem:/ {print $7}') * 9 / 10 ))
     mkdir -p "$state"/{ctld,spool,log}
