@@ -54,10 +54,15 @@ class ModelShape:
         return 2 * (2 * h) + (h * 3 * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
 
     @property
+    def body_params(self) -> int:
+        """The blocks and the final LayerNorm: everything but the embeddings and the LM head."""
+        return self.layers * self.layer_params + 2 * self.hidden
+
+    @property
     def num_params(self) -> int:
         embeddings = (self.vocab_size + self.n_positions) * self.hidden
         head = 0 if self.tied_head else self.vocab_size * self.hidden
-        return embeddings + self.layers * self.layer_params + 2 * self.hidden + head  # + ln_f
+        return embeddings + self.body_params + head
 
     @property
     def largest_layer_params(self) -> int:

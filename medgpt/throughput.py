@@ -17,17 +17,15 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
+from medgpt.memory_plan import ModelShape
+
 GIB = 2**30
 
 
 def body_params(config: PretrainedConfig) -> int:
     """Parameters of the GPT-2 blocks and the final LayerNorm: all but the token and position
     embeddings (a lookup costs no FLOPs; the tied LM head is counted apart, at answer positions)."""
-    h, inner = config.n_embd, config.n_inner or 4 * config.n_embd
-    attention = 4 * h * h + 4 * h  # qkv and output projections, with biases
-    mlp = 2 * h * inner + inner + h
-    layer_norms = 2 * 2 * h
-    return config.n_layer * (attention + mlp + layer_norms) + 2 * h
+    return ModelShape.from_config(config).body_params
 
 
 def step_flops(config: PretrainedConfig, sample_lengths: torch.Tensor | Sequence[int], answer_tokens: int) -> float:
