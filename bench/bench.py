@@ -33,7 +33,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from medgpt.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -117,12 +118,6 @@ class Run:
         if peak_tflops_total:
             m["mfu"] = sum(self.flops[1:]) / self.elapsed / 1e12 / peak_tflops_total
         return m
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(script: Path, args: list[str], nproc: int, log: Path, env: dict[str, str]) -> subprocess.Popen:

@@ -45,7 +45,8 @@ class Dist:
         return gathered
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous that has no fixed one)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -88,7 +89,7 @@ def _srun_task_env() -> dict[str, str]:
 
 
 def _single_process_env() -> dict[str, str]:
-    return dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    return dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def init_distributed(deepspeed_comm: bool = True) -> Dist:

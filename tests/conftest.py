@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from medgpt.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -17,12 +18,6 @@ GROUND_TRUTH = SHARED / "pubmedqa" / "test_ground_truth.json"
 TOKENIZER = SHARED / "gpt2-tokenizer"
 TINY_MODEL = REPO / "configs" / "models" / "tiny.json"
 TRAIN_PY = str(REPO / "launcher" / "train.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
