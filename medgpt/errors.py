@@ -1,10 +1,23 @@
-"""User-facing errors: one clear message and exit code 2, never a traceback wall."""
+"""User-facing errors and the exit codes of every medgpt program: each code means one thing.
+
+| code | meaning                                                                 | what to do          |
+| ---- | ----------------------------------------------------------------------- | ------------------- |
+| 0    | finished: trained, scored and exported                                   | -                   |
+| 1    | an unexpected crash (a bug or a dead node): traceback in the log         | read the traceback  |
+| 2    | bad input, reported before anything was written                          | fix what it says    |
+| 3    | training diverged (non-finite loss or gradients, too many skipped steps) | lower lr, check data|
+| 4    | a rank stalled: a collective did not complete within the timeout         | check the node      |
+| 75   | stopped on request (SIGUSR1/SIGTERM/SIGINT) after saving a checkpoint    | resume (requeue)    |
+"""
 from __future__ import annotations
 
 import sys
 from typing import Callable
 
 USER_ERROR_EXIT = 2
+DIVERGED_EXIT = 3
+STALLED_EXIT = 4
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" -- the job script requeues itself
 
 
 class UserError(Exception):

@@ -6,8 +6,7 @@ import signal
 from types import FrameType
 
 from medgpt.distributed import Dist
-
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" -- the job script requeues itself
+from medgpt.errors import PREEMPTED_EXIT  # noqa: F401 (re-exported for the loop)
 
 
 class StopRequest:
