@@ -20,7 +20,7 @@ def parse(argv: list[str]) -> EvalRequest:
     parser.add_argument("--data", default=defaults.data, help="Hub id, parquet file/folder, or ori_pqal.json")
     parser.add_argument("--tokenizer", default=defaults.tokenizer, help="default: the model folder's")
     parser.add_argument("--output", default=defaults.output, help="default: runs/eval-<split>")
-    parser.add_argument("--device", default=defaults.device, help="cpu or cuda (default: GPU if any)")
+    parser.add_argument("--device", default=defaults.device, help="auto (this rank's GPU if any), cuda or cpu")
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
     parser.add_argument("--seq_len", type=int, default=defaults.seq_len, help="prompt + answer token")
     parser.add_argument("--mode", default=defaults.mode, help="loglik or generate")

@@ -16,7 +16,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--context", action="append", default=[], help="a context passage (repeatable)")
     parser.add_argument("--max_length", type=int, default=256, help="prompt + generated tokens")
     parser.add_argument("--tokenizer", default="", help="default: the model folder's")
-    parser.add_argument("--device", default="", help="cpu or cuda (default: GPU if any)")
+    parser.add_argument("--device", default="auto", help="auto (the GPU if any), cuda or cpu")
     args = parser.parse_args(argv)
     run_generate(args.model, args.question, args.context, args.max_length, args.tokenizer, args.device)
 

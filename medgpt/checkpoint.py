@@ -161,6 +161,16 @@ def universal_dir(tag_dir: Path) -> Path:
     return tag_dir.parent / f"{tag_dir.name}_universal"
 
 
+def ds_to_universal(tag_dir: Path, output: Path) -> None:
+    """DeepSpeed's documented converter, run as its own command line: ``output/zero/<param>/fp32.pt``
+    etc., one folder per parameter, whatever the world size and optimizer wrapper that saved it."""
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(tag_dir), "--output_folder", str(output), "--num_extract_workers", "1",
+                           "--num_merge_workers", "1"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+
+
 def convert_to_universal(tag_dir: Path, dist: Dist) -> Path:
     """DeepSpeed's universal checkpoint of a tag (made once, by rank 0), which loads on any
     world size. Written to a staging folder and renamed, so a half conversion is never used."""
@@ -168,12 +178,7 @@ def convert_to_universal(tag_dir: Path, dist: Dist) -> Path:
     if dist.is_main and not target.exists():
         staging = target.with_name(target.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
-        # DeepSpeed's documented converter, run as its own command line.
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               str(tag_dir), "--output_folder", str(staging), "--num_extract_workers", "1",
-                               "--num_merge_workers", "1"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        ds_to_universal(tag_dir, staging)
         for name in (META_FILE, "tokenizer", "rng"):
             src = tag_dir / name
             (shutil.copytree if src.is_dir() else shutil.copy)(src, staging / name)

@@ -21,6 +21,7 @@ from medgpt.errors import UserError
 
 HUB_DATASET = "qiaojin/PubMedQA"
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cuda", "cpu")
 
 
 @dataclass
@@ -79,6 +80,9 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept (0: all)
     resume: str = "auto"  # auto (latest in output_dir, if any) | none | a checkpoint path
     peak_tflops: float = 0.0  # per-device peak for perf/mfu; 0: the GPU datasheet table, else a timed matmul
+    device: str = "auto"  # auto (this rank's GPU, an error if the machine has GPUs torch cannot use) | cuda | cpu
+    tf32: bool = True  # fp32 matmuls on TF32 tensor cores (Ampere and newer GPUs; ~8x faster, 10-bit mantissa)
+    max_skipped_steps: int = 20  # fp16: stop (exit 3) after this many consecutive loss-scale overflows
 
 
 @dataclass
@@ -103,6 +107,10 @@ class Config:
         for name in ("epochs", "max_steps", "eval_every", "save_every", "keep_last"):
             if getattr(t, name) < 0:
                 problems.append(f"{name} must be >= 0 (got {getattr(t, name)})")
+        if t.device not in DEVICES:
+            problems.append(f"device '{t.device}' is unknown; use one of {', '.join(DEVICES)}")
+        if t.max_skipped_steps < 1:
+            problems.append(f"max_skipped_steps must be >= 1 (got {t.max_skipped_steps})")
         if not 0 <= t.peak_tflops < math.inf:
             problems.append(f"peak_tflops must be a finite number >= 0, the per-device peak TFLOPS for MFU "
                             f"(0 looks the GPU up or measures the device; got {t.peak_tflops})")

@@ -21,6 +21,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from medgpt.config import DataConfig
 from medgpt.distributed import Dist
+from medgpt.loss import logit_positions
 from medgpt.prompt import IGNORE_INDEX, answer_text, context_text, encode_pieces, question_text
 from medgpt.pubmedqa import Record, Split
 
@@ -211,7 +212,7 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     input_ids, labels, lengths = _right_padded(rows, pad_id)
     attention_mask = (torch.arange(input_ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "sample_lengths": torch.tensor(lengths)}
+            "sample_lengths": torch.tensor(lengths), "logit_positions": logit_positions(labels)}
 
 
 def collate_packs(packs: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -226,13 +227,21 @@ def collate_packs(packs: list[dict[str, Any]], pad_id: int) -> dict[str, torch.T
         segments = p["sample_lengths"] + ([width - n] if width > n else [])
         position_ids[i] = torch.cat([torch.arange(length) for length in segments])
     sample_lengths = torch.tensor([n for p in packs for n in p["sample_lengths"]], dtype=torch.long)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sample_lengths": sample_lengths}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sample_lengths": sample_lengths,
+            "logit_positions": logit_positions(labels)}
 
 
 def train_loader(dataset: datasets.Dataset, sampler: ResumableDistributedSampler, micro_batch_size: int,
-                 pad_id: int, packed: bool) -> DataLoader:
+                 pad_id: int, packed: bool, device: torch.device) -> DataLoader:
+    # Pinned host memory lets to_device copy without blocking the host (CUDA only).
     return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, drop_last=True,
-                      collate_fn=functools.partial(collate_packs if packed else collate, pad_id=pad_id))
+                      collate_fn=functools.partial(collate_packs if packed else collate, pad_id=pad_id),
+                      pin_memory=device.type == "cuda")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch on the device, copied asynchronously from pinned memory."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def shard_positions(num_rows: int, dist: Dist) -> list[int]:
@@ -253,5 +262,5 @@ def eval_loader(dataset: datasets.Dataset, dist: Dist, batch_size: int, pad_id: 
         else:
             filler = dataset[0]
             rows.append({**filler, "labels": [IGNORE_INDEX] * len(filler["labels"])})
-    return DataLoader(rows, batch_size=batch_size, shuffle=False, 
-                      collate_fn=functools.partial(collate, pad_id=pad_id))
+    return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=functools.partial(collate, pad_id=pad_id),
+                      pin_memory=dist.device.type == "cuda")

@@ -1,16 +1,18 @@
 """Who am I in the job: one small object passed to everything that needs rank or device."""
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as torch_dist
 
+from medgpt.config import DEVICES
 from medgpt.errors import UserError
 
 
@@ -29,12 +31,23 @@ class Dist:
         if self.world_size > 1:
             torch_dist.barrier()
 
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        """Sum a few scalars over all ranks (float64, so token counts stay exact)."""
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+    def tensor(self, values: Sequence[float]) -> torch.Tensor:
+        """Host numbers as a float64 tensor on this rank's device (float64: token counts stay exact),
+        copied without making the host wait (from pinned memory on a GPU)."""
+        host = torch.tensor(values, dtype=torch.float64)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all ranks, in place; on a GPU the host does not wait for it."""
         if self.world_size > 1:
             torch_dist.all_reduce(tensor)
-        return tensor.tolist()
+        return tensor
+
+    def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
+        """Sum a few scalars over all ranks and read them back."""
+        return self.sum_(self.tensor(values)).tolist()
 
     def all_gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order, on every rank."""
@@ -92,7 +105,7 @@ def _single_process_env() -> dict[str, str]:
     return dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
-def init_distributed(deepspeed_comm: bool = True) -> Dist:
+def init_distributed(device: str = "auto", deepspeed_comm: bool = True) -> Dist:
     """Join the process group set up by torchrun / the deepspeed launcher / srun (or run alone).
 
     Both launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Tasks of an
@@ -105,13 +118,15 @@ def init_distributed(deepspeed_comm: bool = True) -> Dist:
         os.environ.update(_srun_task_env() if "SLURM_STEP_ID" in os.environ else _single_process_env())
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        # srun --gpus-per-task shows each task only its own GPU: then it is device 0.
-        device_index = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(device_index)
-        device, backend = torch.device("cuda", device_index), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    chosen = choose_device(device, local_rank)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+        # DeepSpeed takes LOCAL_RANK as the CUDA device index (deepspeed/runtime/engine.py:1017 and
+        # :1943 set_device(local_rank), comm/torch.py:280 device_id, runtime/zero/partition_parameters.py
+        # :1138): under srun --gpus-per-task=1 a task with SLURM_LOCALID 1 sees one GPU, index 0.
+        # So DeepSpeed is told the index chosen here; Dist.local_rank keeps the rank on the node.
+        os.environ["LOCAL_RANK"] = str(chosen.index)
+    backend = "nccl" if chosen.type == "cuda" else "gloo"
     if deepspeed_comm:
         # DeepSpeed JIT-compiles ops into TORCH_EXTENSIONS_DIR; one folder per environment keeps
         # two virtualenvs on one host from rebuilding each other's ops at every start.
@@ -122,4 +137,47 @@ def init_distributed(deepspeed_comm: bool = True) -> Dist:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     else:
         torch_dist.init_process_group(backend=backend)
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)
+
+
+# Signs that this node was given GPUs, whatever torch can see. Not CUDA_VISIBLE_DEVICES: the
+# deepspeed launcher sets it for CPU ranks too (deepspeed/accelerator/cpu_accelerator.py:363).
+_GPU_ENV = ("SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "NVIDIA_VISIBLE_DEVICES")
+
+
+def gpus_expected() -> str | None:
+    """Why this machine should have a usable GPU (for the error message), or None."""
+    for name in _GPU_ENV:
+        value = os.environ.get(name, "").strip().lower()
+        if value not in ("", "0", "none", "void"):
+            return f"{name}={os.environ[name]}"
+    devices = sorted(glob.glob("/dev/nvidia[0-9]*"))
+    return f"{devices[0]} exists" if devices else None
+
+
+def choose_device(requested: str, local_rank: int) -> torch.device:
+    """The one device choice of every medgpt program: ``auto`` (this rank's GPU if torch sees one,
+    else the CPU, unless the machine should have GPUs), ``cuda`` or ``cpu``."""
+    if requested not in DEVICES:
+        raise UserError(f"device '{requested}' is unknown; use one of {', '.join(DEVICES)}")
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if count == 1:  # srun --gpus-per-task=1 / one GPU per container: each task's own GPU
+            return torch.device("cuda", 0)
+        if local_rank >= count:
+            raise UserError(f"local rank {local_rank} on this node but only {count} GPUs are visible; start at "
+                            f"most {count} ranks per node (--nproc_per_node / --num_gpus)", rank_specific=True)
+        return torch.device("cuda", local_rank)
+    build = f"torch {torch.__version__}, " + (f"CUDA {torch.version.cuda}" if torch.version.cuda
+                                               else "a CPU-only build")
+    if requested == "cuda":
+        raise UserError(f"--device cuda, but torch sees no GPU ({build}); install a CUDA build of torch that "
+                        "matches the driver, or pass --device cpu")
+    reason = gpus_expected()
+    if reason:
+        raise UserError(f"this machine should have GPUs ({reason}) but torch sees none ({build}); install a "
+                        "CUDA build of torch that matches the driver (nvidia-smi shows its CUDA version), or "
+                        "pass --device cpu to run on the CPU on purpose")
+    return torch.device("cpu")

@@ -64,6 +64,26 @@ def _autos_left(node: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if node == "auto" else []
 
 
+def offloads_optimizer(zero: dict[str, Any]) -> bool:
+    return zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
+
+
+def _default_optimizer_kernel(optimizer: dict[str, Any], zero: dict[str, Any], on_gpu: bool) -> None:
+    """Adam that needs no build step, unless the JSON says otherwise.
+
+    For "Adam"/"AdamW" DeepSpeed builds its own FusedAdam, a CUDA extension JIT-compiled at
+    initialize that needs nvcc and CUDA_HOME on every node, or fails on all ranks
+    (runtime/engine.py:2378-2409 get_optimizer_configuration, ops/adam/fused_adam.py). torch's
+    AdamW needs nothing; fused, on a GPU, it is one kernel per step like FusedAdam. ZeRO-Offload
+    keeps DeepSpeedCPUAdam (required there: engine.py:2342), built once with the host's compiler.
+    """
+    if optimizer.get("type", "").lower() not in ("adam", "adamw") or offloads_optimizer(zero):
+        return
+    params = optimizer.setdefault("params", {})
+    if params.setdefault("torch_adam", True) and on_gpu:
+        params.setdefault("fused", True)
+
+
 def resolve_ds_config(raw: dict[str, Any], cfg: Config, world_size: int, total_steps: int,
                       hidden_size: int, on_gpu: bool) -> dict[str, Any]:
     """A complete DeepSpeed config for this run. Every problem is reported at once."""
@@ -105,6 +125,13 @@ def resolve_ds_config(raw: dict[str, Any], cfg: Config, world_size: int, total_s
 
     # Bucket sizes scale with the model width, as in the Hugging Face integration.
     zero = ds.setdefault("zero_optimization", {"stage": 0})
+    _default_optimizer_kernel(ds["optimizer"], zero, on_gpu)
+    if t.precision == "bf16" and zero_stage(ds) > 0:
+        # bf16 gradients summed in bf16 lose precision over micro-steps and ranks: accumulate in
+        # fp32 where DeepSpeed can -- ZeRO-1 through BF16_Optimizer (runtime/engine.py:2305), ZeRO-2/3
+        # in their own buffers (runtime/zero/stage_1_and_2.py:397, stage3.py:239). ZeRO-0 refuses the
+        # mix (engine.py:2313-2323 raises NotImplementedError), so it keeps bf16 (medgpt warns).
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
                        ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
                        ("stage3_param_persistence_threshold", 10 * hidden_size)):

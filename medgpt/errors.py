@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -20,14 +21,36 @@ STALLED_EXIT = 4
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" -- the job script requeues itself
 
 
-class UserError(Exception):
+class Failure(Exception):
+    """A run that ends with ``exit_code`` after one line saying why. Every rank raises the same
+    failure and rank 0 alone prints it, unless it is ``rank_specific`` (then each rank that raises it)."""
+    exit_code = 1
+
+    def __init__(self, message: str, rank_specific: bool = False) -> None:
+        super().__init__(message)
+        self.rank_specific = rank_specific
+
+
+class UserError(Failure):
     """Bad input the user can fix: the message names the problem and the fix."""
+    exit_code = USER_ERROR_EXIT
+
+
+class TrainingDiverged(Failure):
+    """Non-finite loss or gradients (or an fp16 loss scale that keeps overflowing)."""
+    exit_code = DIVERGED_EXIT
+
+
+def _is_main_process() -> bool:
+    # The launchers set RANK; a plain process is rank 0. Every rank raises the same failure.
+    return os.environ.get("RANK", "0") == "0"
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a launcher's main; turn a UserError into one line on stderr and exit code 2."""
+    """Run a launcher's main; turn a Failure into one line on stderr and its exit code."""
     try:
         main()
-    except UserError as err:
-        print(f"medgpt: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(USER_ERROR_EXIT)
+    except Failure as err:
+        if err.rank_specific or _is_main_process():
+            print(f"medgpt: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)

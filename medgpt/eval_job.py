@@ -2,7 +2,6 @@
 existing predictions file) and write predictions.json + metrics.json."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,6 @@ from medgpt.config import HUB_DATASET, ModelConfig
 from medgpt.distributed import init_distributed
 from medgpt.errors import UserError
 from medgpt.evaluate import evaluate_records, write_results
-from medgpt.inference import pick_device
 from medgpt.model import check_model_folder, load_saved_model, load_tokenizer
 from medgpt.pubmedqa import DECISIONS, NUM_FOLDS, Record, load_records, official_split
 
@@ -31,7 +29,7 @@ class EvalRequest:
     data: str = HUB_DATASET
     tokenizer: str = ""  # empty: the model folder's own
     output: str = ""  # empty: runs/eval-<split>
-    device: str = ""  # cpu | cuda; empty: the GPU if there is one
+    device: str = "auto"  # auto (this rank's GPU if there is one) | cuda | cpu
     batch_size: int = 8
     seq_len: int = 1024
     mode: str = "loglik"
@@ -93,8 +91,7 @@ def evaluate_model(request: EvalRequest) -> None:
     check_model_folder(request.model)
     records = split_records(request)
     # Under torchrun each rank scores a shard and all get every answer; alone, rank 0 of 1.
-    dist = init_distributed(deepspeed_comm=False)
-    dist = dataclasses.replace(dist, device=pick_device(request.device, dist.local_rank))
+    dist = init_distributed(request.device, deepspeed_comm=False)
     model = load_saved_model(request.model, dist.device)
     tokenizer = load_tokenizer(ModelConfig(model=request.model, tokenizer=request.tokenizer))
     positions = getattr(model.config, "n_positions", request.seq_len)

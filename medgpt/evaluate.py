@@ -19,7 +19,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from medgpt.answer_metrics import answer_metrics
-from medgpt.data import eval_loader, shard_positions
+from medgpt.data import eval_loader, shard_positions, to_device
 from medgpt.distributed import Dist
 from medgpt.errors import UserError
 from medgpt.prompt import answer_text, encode_example
@@ -92,7 +92,7 @@ def score_loglik(model: Any, rows: list[dict[str, list[int]]], dist: Dist, batch
     positions = iter(shard_positions(len(rows), dist))
     local = []
     for batch in tqdm(eval_loader(rows, dist, batch_size, pad_id), desc="score", unit="batch", disable=not progress):
-        batch = {k: v.to(dist.device) for k, v in batch.items()}
+        batch = to_device(batch, dist.device)
         for probs in decision_probabilities(model, batch, decision_ids).tolist():
             local.append((next(positions), probs))
     model.train(was_training)

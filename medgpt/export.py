@@ -1,22 +1,25 @@
 """A checkpoint of any ZeRO stage -> a Hugging Face model folder that loads on one device.
 
 The fp32 weights come from DeepSpeed's own consolidation (``zero_to_fp32``) for ZeRO 1-3, or
-from the module state DeepSpeed saved for ZeRO-0. The model is built on the meta device and the
+for ZeRO-0 from the module state (fp32 runs) or the optimizer's fp32 master copy (bf16/fp16). The model is built on the meta device and the
 weights are assigned, not copied, so peak host memory stays about one fp32 copy.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-from medgpt.checkpoint import LATEST_FILE, META_FILE, read_meta
+from medgpt.checkpoint import LATEST_FILE, META_FILE, ds_to_universal, read_meta
 from medgpt.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0's full module state
+BF16_OPTIMIZER_FILES = "bf16_zero_pp_rank_*_optim_states.pt"  # BF16_Optimizer's per-rank state
 
 
 def resolve_tag_dir(checkpoint: str | Path) -> Path:
@@ -32,13 +35,48 @@ def resolve_tag_dir(checkpoint: str | Path) -> Path:
     return path
 
 
-def fp32_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+def fp32_state_dict(tag_dir: Path, config: GPT2Config) -> dict[str, torch.Tensor]:
     """The full fp32 weights of a checkpoint, consolidated by DeepSpeed."""
-    if read_meta(tag_dir)["zero_stage"] > 0:
+    meta = read_meta(tag_dir)
+    if any(tag_dir.glob(BF16_OPTIMIZER_FILES)):
+        return _universal_fp32(tag_dir)
+    if meta["zero_stage"] > 0:
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    # ZeRO-0 (fp32): DeepSpeed saved the full module state with the engine's bookkeeping.
+    # ZeRO-0: DeepSpeed saved the full module state, with the optimizer's in the same file.
     states = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in states["module"].items()}
+    if meta["config"]["train"]["precision"] == "fp32":
+        return {k: v.float() for k, v in states["module"].items()}
+    return _zero0_fp32_masters(states["optimizer"], config)
+
+
+def _universal_fp32(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """A BF16_Optimizer checkpoint (ZeRO-1 in bf16 with fp32 gradient accumulation): its state has
+    no zero_stage (runtime/bf16_optimizer.py:629), which zero_to_fp32 requires (utils/zero_to_fp32.py
+    :210), so it goes through DeepSpeed's universal format, one fp32 tensor per parameter."""
+    with tempfile.TemporaryDirectory() as scratch:
+        universal = Path(scratch) / "universal"
+        ds_to_universal(tag_dir, universal)
+        return {p.name: torch.load(p / "fp32.pt", map_location="cpu", weights_only=True)["param"]
+                for p in (universal / "zero").iterdir() if (p / "fp32.pt").is_file()}
+
+
+def _zero0_fp32_masters(optimizer_state: dict[str, Any], config: GPT2Config) -> dict[str, torch.Tensor]:
+    """bf16/fp16 at ZeRO-0: the module holds the 16-bit copy; the fp32 master weights are the
+    optimizer wrapper's, in the order of model.parameters() (one group: medgpt hands DeepSpeed
+    model.parameters()). FP16_UnfusedOptimizer keeps one tensor per parameter
+    (runtime/fp16/unfused_optimizer.py:355 'fp32_groups'), FP16_Optimizer one flat tensor per
+    group (runtime/fp16/fused_optimizer.py:471 'fp32_groups_flat')."""
+    with torch.device("meta"):
+        shapes = [(name, p.shape) for name, p in GPT2LMHeadModel(config).named_parameters()]
+    if "fp32_groups" in optimizer_state:
+        masters = [t for group in optimizer_state["fp32_groups"] for t in group]
+    else:
+        flat = torch.cat([g.flatten() for g in optimizer_state["fp32_groups_flat"]])
+        masters = list(flat.split([shape.numel() for _, shape in shapes]))
+    if len(masters) != len(shapes):
+        raise UserError(f"the checkpoint's optimizer holds {len(masters)} fp32 tensors for the model's "
+                        f"{len(shapes)} parameters; it was not written by this model")
+    return {name: t.reshape(shape).float() for (name, shape), t in zip(shapes, masters)}
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "fp32") -> Path:
@@ -48,12 +86,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise UserError(f"export folder '{output}' is not empty; pass a new --output folder")
-    meta = read_meta(tag_dir)
-    if meta["zero_stage"] == 0 and meta["config"]["train"]["precision"] != "fp32":
-        raise UserError("exporting a ZeRO-0 checkpoint trained in bf16/fp16 is not supported: its fp32 master "
-                        "weights live in the optimizer state; train with ZeRO >= 1 or fp32")
-    config = GPT2Config.from_dict(meta["model_config"])
-    state = fp32_state_dict(tag_dir)
+    config = GPT2Config.from_dict(read_meta(tag_dir)["model_config"])
+    state = fp32_state_dict(tag_dir, config)
     # The plain constructor, not from_config: inside a ZeRO-3 run (a live HfDeepSpeedConfig)
     # from_config would build under zero.Init, a collective that rank 0 alone would hang in.
     with torch.device("meta"):

@@ -8,25 +8,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from medgpt.config import ModelConfig
+from medgpt.distributed import choose_device
 from medgpt.errors import UserError
 from medgpt.evaluate import decision_probabilities, decision_token_ids
 from medgpt.model import load_saved_model, load_tokenizer
 from medgpt.prompt import encode_example
 from medgpt.pubmedqa import DECISIONS
-
-DEVICES = ("cpu", "cuda")
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """``cpu``, ``cuda`` (this rank's GPU) or empty for the best available."""
-    if name and name not in DEVICES:
-        raise UserError(f"device '{name}' is unknown; use one of {', '.join(DEVICES)}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' asked for, but no GPU is visible; use --device cpu")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
-
 
 def check_question(question: str) -> None:
     if not question.strip():
@@ -63,10 +50,10 @@ def answer_question(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 
 def run_generate(model_folder: str, question: str, contexts: Sequence[str], max_length: int,
-                 tokenizer_name: str = "", device: str = "") -> Answer:
+                 tokenizer_name: str = "", device: str = "auto") -> Answer:
     """What ``launcher/generate.py`` does: load, answer, print."""
     check_question(question)  # before the slow part
-    model = load_saved_model(model_folder, pick_device(device))
+    model = load_saved_model(model_folder, choose_device(device, local_rank=0))
     tokenizer = load_tokenizer(ModelConfig(model=model_folder, tokenizer=tokenizer_name))
     positions = getattr(model.config, "n_positions", max_length)
     if not 2 <= max_length <= positions:

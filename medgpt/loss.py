@@ -24,11 +24,16 @@ def count_label_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def logit_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions p predicting a labelled token p+1 in any row (rows share one index list).
+    The collate functions compute them on the host: on a GPU, ``nonzero`` would wait for the device."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
 def label_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed (not averaged) loss of a batch, so the caller can normalise by the global count."""
     labels = batch["labels"]
-    # Positions p predicting a labelled token p+1 in any row (rows share one index list).
-    keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    keep = batch["logit_positions"] if "logit_positions" in batch else logit_positions(labels)
     inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
     # use_cache=False: transformers detects packed samples from position_ids only without a cache.
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits

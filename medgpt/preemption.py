@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-from medgpt.distributed import Dist
 from medgpt.errors import PREEMPTED_EXIT  # noqa: F401 (re-exported for the loop)
 
 
@@ -19,7 +18,7 @@ class StopRequest:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._received = True  # only a flag: the save happens in the loop, collectively
 
-    def agreed(self, dist: Dist) -> bool:
-        """True on every rank once any rank has received the signal (one tiny all-reduce)."""
-        (count,) = dist.all_reduce_sum([float(self._received)])
-        return count > 0
+    @property
+    def received(self) -> bool:
+        """This rank got the signal; ranks agree on it through each training step's collective."""
+        return self._received

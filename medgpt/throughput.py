@@ -80,6 +80,13 @@ GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def use_tf32(device: torch.device, enabled: bool) -> None:
+    """fp32 matmuls on TF32 tensor cores (Ampere and newer: ~8x the fp32 rate, 10-bit mantissa
+    inputs, fp32 accumulation) or in full fp32. torch's default is full fp32."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
+
+
 def matmul_dtype(device: torch.device, precision: str) -> str:
     """The table column of this run's matmuls: fp32 runs use tf32 tensor cores only if allowed."""
     if precision != "fp32" or device.type != "cuda":

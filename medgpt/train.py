@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,15 +18,16 @@ import deepspeed
 import torch
 import yaml
 from tqdm import tqdm
+from transformers import PretrainedConfig
 from transformers.integrations import HfDeepSpeedConfig
 
 from medgpt.checkpoint import (TrainState, check_same_model, checkpoint_root, convert_to_universal, find_checkpoint,
                                load_checkpoint, model_shape, read_meta, save_checkpoint)
 from medgpt.config import Config, DataConfig
-from medgpt.data import ResumableDistributedSampler, eval_loader, train_loader, training_data
+from medgpt.data import ResumableDistributedSampler, eval_loader, to_device, train_loader, training_data
 from medgpt.distributed import Dist, init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
-from medgpt.errors import UserError
+from medgpt.errors import TrainingDiverged, UserError
 from medgpt.evaluate import evaluate_records, metric_scalars, write_results
 from medgpt.export import export_checkpoint
 from medgpt.loss import count_label_tokens, label_loss_sum
@@ -34,71 +36,115 @@ from medgpt.metrics import MetricsLogger
 from medgpt.model import build_model, load_model_config, load_tokenizer
 from medgpt.preemption import PREEMPTED_EXIT, StopRequest
 from medgpt.pubmedqa import load_records, official_split
-from medgpt.throughput import ThroughputWindow, console_summary, device_peak, peak_memory_bytes, step_flops
+from medgpt.throughput import (ThroughputWindow, console_summary, device_peak, peak_memory_bytes, step_flops,
+                               use_tf32)
 
 
 @dataclass
 class StepStats:
-    loss: float
-    answer_tokens: int  # tokens carrying loss, all ranks
-    tokens: int  # non-pad tokens, all ranks
-    positions: int  # token positions computed, padding included (rows x width), all ranks
-    flops: float  # model FLOPs the step needs (medgpt.throughput.step_flops), all ranks
-    samples: int  # questions, all ranks (a packed row holds several)
-    grad_norm: float  # before clipping
+    """One optimizer step, summed over all ranks."""
+    loss: float  # mean answer-token loss of the global batch
+    grad_norm: float | None  # before clipping; None where DeepSpeed computes none
+    applied: bool  # False: DeepSpeed skipped the update (fp16 loss-scale overflow)
+    stop: bool  # some rank was asked to stop (a signal): every rank sees the same
+    answer_tokens: int  # tokens carrying loss
+    tokens: int  # non-pad tokens
+    positions: int  # token positions computed, padding included (rows x width)
+    flops: float  # model FLOPs the step needs (medgpt.throughput.step_flops)
+    samples: int  # questions (a packed row holds several)
+    peak_memory: list[int]  # bytes, per rank
 
 
-def train_step(engine: deepspeed.DeepSpeedEngine, micro_batches: list[dict[str, torch.Tensor]],
-               dist: Dist) -> StepStats:
-    """One optimizer step over this rank's micro-batches."""
-    answer_counts = [count_label_tokens(b["labels"]) for b in micro_batches]
-    local_tokens = sum(int(b["sample_lengths"].sum()) for b in micro_batches)
-    local_positions = sum(b["input_ids"].numel() for b in micro_batches)
-    local_samples = sum(len(b["sample_lengths"]) for b in micro_batches)
-    local_flops = sum(step_flops(engine.module.config, b["sample_lengths"], answers)
-                      for b, answers in zip(micro_batches, answer_counts))
-    answer_tokens, tokens, positions, samples, flops = dist.all_reduce_sum(
-        [sum(answer_counts), local_tokens, local_positions, local_samples, local_flops])
+def _host_counts(model_config: PretrainedConfig, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
+    """[answer tokens, tokens, positions, samples, FLOPs] of this rank's micro-batches, from the
+    host copies (no device sync)."""
+    answers = [count_label_tokens(b["labels"]) for b in micro_batches]
+    return [sum(answers), sum(int(b["sample_lengths"].sum()) for b in micro_batches),
+            sum(b["input_ids"].numel() for b in micro_batches), sum(len(b["sample_lengths"]) for b in micro_batches),
+            sum(step_flops(model_config, b["sample_lengths"], n) for b, n in zip(micro_batches, answers))]
+
+
+def train_step(engine: deepspeed.DeepSpeedEngine, micro_batches: list[dict[str, torch.Tensor]], dist: Dist,
+               stop_requested: bool) -> StepStats:
+    """One optimizer step over this rank's micro-batches.
+
+    Two small collectives and one host-device sync per step, whatever the accumulation: the global
+    counts before the first backward (the loss scale needs them; counted on the host, summed on
+    the device without waiting), and after the step the loss, the stop flag and each rank's peak
+    memory, read back once. Every step, not every logged one: a non-finite loss stops the run at
+    once, and all ranks must agree to stop at the same step.
+    """
+    counts = dist.sum_(dist.tensor(_host_counts(engine.module.config, micro_batches)))
     # DeepSpeed averages gradients over ranks; multiplying by the world size turns that average
     # back into the sum over the global batch, which we divide by its answer-token count.
-    scale = dist.world_size / max(answer_tokens, 1.0)
-    local_loss, grad_norm = 0.0, None
+    scale = dist.world_size / counts[0].clamp(min=1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+    grad_norm = None
     for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(dist.device) for k, v in batch.items()}
-        loss_sum = label_loss_sum(engine, batch)
-        engine.backward(loss_sum * scale, scale_wrt_gas=False)
+        loss = label_loss_sum(engine, to_device(batch, dist.device))
+        engine.backward(loss * scale.to(loss.dtype), scale_wrt_gas=False)
         if i == len(micro_batches) - 1:
             grad_norm = unreported_grad_norm(engine)
         engine.step()  # the optimizer steps only at the accumulation boundary
-        local_loss += loss_sum.item()
-    (loss,) = dist.all_reduce_sum([local_loss])
+        loss_sum += loss.detach()
     if grad_norm is None:
-        grad_norm = float(engine.get_global_grad_norm())
-    return StepStats(loss=loss / max(answer_tokens, 1.0), answer_tokens=int(answer_tokens), tokens=int(tokens),
-                     positions=int(positions), flops=flops, samples=int(samples), grad_norm=grad_norm)
+        grad_norm = engine.get_global_grad_norm()
+    memory = [0.0] * dist.world_size  # each rank fills its own slot: the sum gathers them all
+    memory[dist.rank] = float(peak_memory_bytes(dist.device))
+    ends = dist.tensor([0.0, float(stop_requested), *memory])
+    ends[0] = loss_sum
+    dist.sum_(ends)
+    norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, dtype=torch.float64, device=dist.device)
+    answer_tokens, tokens, positions, samples, flops, loss, stop, *peaks, norm_value = (
+        torch.cat([counts, ends, norm.reshape(1)]).tolist())  # the step's one host-device sync
+    return StepStats(loss=loss / max(answer_tokens, 1.0), grad_norm=None if grad_norm is None else norm_value,
+                     applied=engine.was_step_applied(),
+                     stop=stop > 0, answer_tokens=int(answer_tokens), tokens=int(tokens), positions=int(positions),
+                     flops=flops, samples=int(samples), peak_memory=[int(p) for p in peaks])
 
 
-def unreported_grad_norm(engine: deepspeed.DeepSpeedEngine) -> float | None:
+def unreported_grad_norm(engine: deepspeed.DeepSpeedEngine) -> torch.Tensor | None:
     """The gradient norm where DeepSpeed does not report one (ZeRO-0 in fp32 clips without
     keeping the norm). Called after the last backward, when the gradients are all-reduced."""
     if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
         return None
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads))
+    return torch.nn.utils.get_total_norm(grads)
 
 
 @torch.no_grad()
 def evaluate_loss(engine: deepspeed.DeepSpeedEngine, loader: torch.utils.data.DataLoader, dist: Dist) -> float:
     """Mean answer-token loss over a held-out set (every rank takes part: ZeRO-3 needs it)."""
     engine.eval()
-    loss_sum, count = 0.0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+    count = 0
     for batch in loader:
-        batch = {k: v.to(dist.device) for k, v in batch.items()}
-        loss_sum += label_loss_sum(engine, batch).item()
+        loss_sum += label_loss_sum(engine, to_device(batch, dist.device))
         count += count_label_tokens(batch["labels"])
     engine.train()
-    total, n = dist.all_reduce_sum([loss_sum, count])
+    totals = dist.tensor([0.0, count])
+    totals[0] = loss_sum
+    total, n = dist.sum_(totals).tolist()
     return total / max(n, 1.0)
+
+
+def check_step(stats: StepStats, step: int, precision: str, skipped_in_a_row: int, max_skipped: int,
+               last_checkpoint: Path | None, lr: float) -> None:
+    """Stop a run that trains garbage: a non-finite loss or gradient norm, or (fp16) a loss
+    scale that overflows step after step. Every rank decides alike: the values are global."""
+    kept = (f"the last good checkpoint, {last_checkpoint}, is kept as latest (--resume auto continues from it)"
+            if last_checkpoint else "no checkpoint was saved before it (--save_every N keeps some)")
+    finite = math.isfinite(stats.loss) and (stats.grad_norm is None or math.isfinite(stats.grad_norm))
+    overflow_skipped = precision == "fp16" and not stats.applied  # normal: DeepSpeed lowers the loss scale
+    if not finite and not overflow_skipped:
+        norm = "not computed" if stats.grad_norm is None else f"{stats.grad_norm:.4g}"
+        raise TrainingDiverged(f"training diverged at step {step}: loss {stats.loss:.4g}, gradient norm {norm} "
+                               f"at lr {lr:.3g}. A learning rate too high is the usual cause (lower --lr or raise "
+                               f"--warmup_steps), else a broken sample in the data; {kept}. Nothing was exported.")
+    if skipped_in_a_row >= max_skipped:
+        raise TrainingDiverged(f"fp16 loss scaling skipped {skipped_in_a_row} steps in a row up to step {step}: the "
+                               f"gradients overflow at every loss scale. Use --precision bf16, lower --lr, or raise "
+                               f"--max_skipped_steps; {kept}. Nothing was exported.")
 
 
 def _accumulation_for(saved: dict, micro_batch_size: int, world_size: int) -> int:
@@ -130,7 +176,7 @@ def _check_same_packing(saved: dict, data: DataConfig, tag_dir: Path) -> None:
 
 def train(cfg: Config) -> None:
     stop_request = StopRequest()  # first: a signal that arrives during start-up is not lost
-    dist = init_distributed()
+    dist = init_distributed(cfg.train.device)
     t = cfg.train
 
     # --- Everything that can be wrong with the input is checked before anything is written to output_dir
@@ -166,6 +212,9 @@ def train(cfg: Config) -> None:
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     ds_config = resolve_ds_config(raw_ds_config, cfg, dist.world_size, total_steps,
                                   hidden_size=model_config.n_embd, on_gpu=dist.device.type == "cuda")
+    if dist.is_main and t.precision == "bf16" and zero_stage(ds_config) == 0:
+        print("medgpt: note: ZeRO-0 in bf16 accumulates and all-reduces gradients in bf16 (DeepSpeed keeps fp32 "
+              "accumulation for ZeRO >= 1); ZeRO-1 accumulates in fp32 at about the same memory", flush=True)
     if saved and saved["train_state"]["step"] >= total_steps:
         if dist.is_main:
             print(f"medgpt: {resume_from} already finished all {total_steps} steps; nothing to do", flush=True)
@@ -180,7 +229,7 @@ def train(cfg: Config) -> None:
     # Without packing, batches are grouped by length (packed rows are all about seq_len long).
     lengths = None if cfg.data.packing else [len(ids) for ids in data.train["input_ids"]]
     sampler = ResumableDistributedSampler(data.train, dist, seed=t.seed, lengths=lengths, global_batch=global_batch)
-    loader = train_loader(data.train, sampler, t.micro_batch_size, pad_id, packed=cfg.data.packing)
+    loader = train_loader(data.train, sampler, t.micro_batch_size, pad_id, packed=cfg.data.packing, device=dist.device)
     dev_loader = eval_loader(data.dev, dist, t.eval_batch_size, pad_id)
     dev_records, test_records = [records[i] for i in split.dev], [records[i] for i in split.test]
 
@@ -207,6 +256,7 @@ def train(cfg: Config) -> None:
                        "model_shape": model_shape(model_config), "model_config": model_config.to_dict(),
                        "config": cfg.to_dict()}
 
+    use_tf32(dist.device, t.tf32 and t.precision == "fp32")
     # MFU's denominator: the ranks' peaks summed (measured ones differ a little from rank to rank;
     # the barrier makes CPU ranks measure side by side, as they will train).
     dist.barrier()
@@ -221,27 +271,41 @@ def train(cfg: Config) -> None:
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not dist.is_main,
                dynamic_ncols=True)
     window = ThroughputWindow()
+    last_checkpoint = resume_from
+    skipped = skipped_in_a_row = 0  # steps whose update DeepSpeed skipped (fp16 loss-scale overflow)
     while state.step < total_steps:
         sampler.set_epoch(state.epoch, state.consumed)
         batches = iter(loader)
-        steps_this_epoch = min(steps_per_epoch - state.consumed // global_batch, total_steps - state.step)
-        for _ in range(steps_this_epoch):
+        # A step counts once its update is applied, so a skipped one does not eat into the schedule:
+        # DeepSpeed does not advance the LR scheduler either (runtime/engine.py:3540-3550).
+        while state.step < total_steps and state.consumed // global_batch < steps_per_epoch:
             lr = engine.get_lr()[0]
             step_start = time.perf_counter()
-            stats = train_step(engine, [next(batches) for _ in range(t.grad_accum)], dist)
-            window.add(time.perf_counter() - step_start, stats.samples, stats.tokens, stats.positions, stats.flops)
-            state.step += 1
+            stats = train_step(engine, [next(batches) for _ in range(t.grad_accum)], dist, stop_request.received)
             state.consumed += global_batch
+            skipped_in_a_row = 0 if stats.applied else skipped_in_a_row + 1
+            skipped += not stats.applied
+            check_step(stats, state.step + 1, t.precision, skipped_in_a_row, t.max_skipped_steps, last_checkpoint, lr)
+            # MFU counts the time of a skipped step but none of its work: it was thrown away.
+            window.add(time.perf_counter() - step_start, stats.samples, stats.tokens, stats.positions,
+                       stats.flops if stats.applied else 0.0)
+            if not stats.applied:
+                continue
+            state.step += 1
             bar.update(1)
 
             if state.step % t.log_every == 0 or state.step == total_steps:
-                # A collective: every rank logs at the same steps.
-                peak_mem = dist.all_gather_objects(peak_memory_bytes(dist.device))
-                perf = window.scalars(peak_total, peak_mem)
+                perf = window.scalars(peak_total, stats.peak_memory)
                 window = ThroughputWindow()
-                scalars = {"train/loss": stats.loss, "train/lr": lr, "train/grad_norm": stats.grad_norm, **perf}
+                scalars = {"train/loss": stats.loss, "train/lr": lr, **perf}
+                if stats.grad_norm is not None:
+                    scalars["train/grad_norm"] = stats.grad_norm
                 if t.precision == "fp16":
-                    scalars["train/loss_scale"] = float(engine.optimizer.cur_scale)
+                    # loss_scale: a property of every wrapper DeepSpeed puts around an fp16 optimizer
+                    # (runtime/fp16/fused_optimizer.py:542, unfused_optimizer.py:333, zero/stage_1_and_2.py
+                    # :3322, zero/stage3.py:3361); cur_scale exists only on the ZeRO ones.
+                    scalars["train/loss_scale"] = float(engine.optimizer.loss_scale)
+                    scalars["train/skipped_steps"] = skipped
                 if logger:
                     logger.log(state.step, scalars)
                     bar.set_postfix_str(f"loss {stats.loss:.4f} | lr {lr:.2e} | {console_summary(perf)}")
@@ -255,14 +319,15 @@ def train(cfg: Config) -> None:
                     bar.write(f"step {state.step}: eval loss {eval_loss:.4f}, accuracy {dev.metrics['accuracy']:.3f}, "
                               f"macro-F1 {dev.metrics['macro_f1']:.3f}")
 
-            if state.step < total_steps and stop_request.agreed(dist):
+            if state.step < total_steps and stats.stop:
                 save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
                 if dist.is_main:
                     bar.write(f"medgpt: stop requested (SIGUSR1): saved step {state.step}, exiting "
                               f"with {PREEMPTED_EXIT} so the job can be requeued and resume")
                 raise SystemExit(PREEMPTED_EXIT)
             if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
-                save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
+                last_checkpoint = save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist,
+                                                  t.keep_last)
         if state.consumed // global_batch >= steps_per_epoch:
             state.epoch += 1
             state.consumed = 0
