@@ -231,12 +231,24 @@ def collate_packs(packs: list[dict[str, Any]], pad_id: int) -> dict[str, torch.T
             "logit_positions": logit_positions(labels)}
 
 
+def _loader_generator() -> torch.Generator:
+    """A generator of a loader's own, so that iterating it leaves the global torch RNG alone.
+
+    Each ``iter(DataLoader)`` draws a base seed for workers from the loader's generator, or from
+    the global torch RNG when it has none (torch/utils/data/dataloader.py:689-693), even with no
+    workers. The global RNG draws the dropout masks and a checkpoint saves it mid-epoch, after
+    the epoch's ``iter`` of the train loader; a resumed run restores it and then calls ``iter``
+    again, one draw the uninterrupted run never made, and every mask after a resume differed.
+    """
+    return torch.Generator()
+
+
 def train_loader(dataset: datasets.Dataset, sampler: ResumableDistributedSampler, micro_batch_size: int,
                  pad_id: int, packed: bool, device: torch.device) -> DataLoader:
     # Pinned host memory lets to_device copy without blocking the host (CUDA only).
     return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, drop_last=True,
                       collate_fn=functools.partial(collate_packs if packed else collate, pad_id=pad_id),
-                      pin_memory=device.type == "cuda")
+                      pin_memory=device.type == "cuda", generator=_loader_generator())
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -262,5 +274,5 @@ def eval_loader(dataset: datasets.Dataset, dist: Dist, batch_size: int, pad_id: 
         else:
             filler = dataset[0]
             rows.append({**filler, "labels": [IGNORE_INDEX] * len(filler["labels"])})
-    return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=functools.partial(collate, pad_id=pad_id),
-                      pin_memory=dist.device.type == "cuda")
+    return DataLoader(rows, batch_size=batch_size, shuffle=False, generator=_loader_generator(),
+                      collate_fn=functools.partial(collate, pad_id=pad_id), pin_memory=dist.device.type == "cuda")

@@ -25,16 +25,16 @@ def ckpt_args(out, cache, stage, **overrides):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_cache):
-    """Uninterrupted 8-step runs on 2 ranks, one per ZeRO stage, saving every 2 steps (made on
-    first use and shared by the tests below)."""
+    """Uninterrupted 8-step runs on 2 ranks under torchrun, one per ZeRO stage and dropout, saving
+    every 2 steps (made on first use and shared by the tests below)."""
     made = {}
 
-    def get(stage):
-        if stage not in made:
-            out = tmp_path_factory.mktemp(f"zero{stage}")
-            check_ok(launch(ckpt_args(out, data_cache, stage), launcher="torchrun", nproc=2))
-            made[stage] = out
-        return made[stage]
+    def get(stage, dropout=0.0):
+        if (stage, dropout) not in made:
+            out = tmp_path_factory.mktemp(f"zero{stage}-dropout{dropout}")
+            check_ok(launch(ckpt_args(out, data_cache, stage, dropout=dropout), launcher="torchrun", nproc=2))
+            made[stage, dropout] = out
+        return made[stage, dropout]
     return get
 
 
@@ -51,14 +51,20 @@ def losses(out):
 
 
 # Step 2 is the end of warmup (tiny_args: warmup_steps 2); a resume there once drifted by one ulp
-# (DeepSpeed's CPU Adam bias correction, see medgpt/adam_replay.py). ZeRO-2 resumes in
-# test_resume_on_another_world_size.
-@pytest.mark.parametrize("stage, stop", [(0, 2), (3, 2), (3, 6)])
-def test_resume_mid_epoch_is_bit_exact(runs, tmp_path, data_cache, stage, stop):
-    reference = runs(stage)
+# (DeepSpeed's CPU Adam bias correction, see medgpt/adam_replay.py). With dropout on, the resumed
+# run once drew other masks from its first step (its train loader took a number from the global
+# RNG after the restore, see medgpt/data.py). Every stage x dropout, stage x launcher and dropout x
+# launcher pair occurs once at least; ZeRO-2 resumes in test_resume_on_another_world_size.
+@pytest.mark.parametrize("stage, stop, dropout, launcher", [
+    (0, 2, 0.0, "torchrun"), (3, 2, 0.0, "deepspeed"), (3, 6, 0.0, "torchrun"),
+    (0, 4, 0.1, "deepspeed"), (3, 4, 0.1, "torchrun")])
+def test_resume_mid_epoch_is_bit_exact(runs, tmp_path, data_cache, stage, stop, dropout, launcher):
+    reference = runs(stage, dropout)
     resumed = stopped_at(reference, tmp_path / "resumed", stop)
-    check_ok(launch(ckpt_args(resumed, data_cache, stage), launcher="torchrun", nproc=2))
+    check_ok(launch(ckpt_args(resumed, data_cache, stage, dropout=dropout), launcher=launcher, nproc=2))
     got, want = losses(resumed), losses(reference)
+    if dropout:  # the masks are drawn: a loss unlike the same run's without dropout
+        assert want[0] != losses(runs(stage))[0]
     assert [s for s, _ in got] == list(range(1, STEPS + 1))  # one point per step, no duplicates
     assert got[stop:] == want[stop:]  # every step after the stop: the same loss bit for bit
     meta = json.loads((resumed / "checkpoints" / "step8" / "medgpt.json").read_text())

@@ -4,7 +4,7 @@ from transformers import AutoTokenizer
 
 from conftest import ORI_JSON, TOKENIZER
 from medgpt.config import DataConfig
-from medgpt.data import ResumableDistributedSampler, collate, eval_loader, tokenized_dataset
+from medgpt.data import ResumableDistributedSampler, collate, eval_loader, tokenized_dataset, train_loader
 from medgpt.distributed import Dist
 from medgpt.errors import UserError
 from medgpt.prompt import IGNORE_INDEX, answer_text, encode_example
@@ -92,3 +92,15 @@ def test_eval_shards_are_equal_length_and_fillers_carry_no_loss():
         assert sum(len(b["input_ids"]) for b in batches) == 3
         seen += [int(ids[0]) for b in batches for ids, lab in zip(b["input_ids"], b["labels"]) if lab[0] != -100]
     assert sorted(seen) == [0, 1, 2, 3, 4]
+
+
+def test_iterating_the_loaders_leaves_the_dropout_rng_alone():
+    """The global torch RNG draws the dropout masks and is checkpointed: a resumed run restores it
+    and then starts its loaders again, so a loader that drew from it would shift every later mask."""
+    rows = [{"input_ids": [i, i], "labels": [i, i]} for i in range(8)]
+    sampler = ResumableDistributedSampler(rows, solo(), seed=0)
+    sampler.set_epoch(0, consumed=4)  # as a resumed run starts its epoch
+    before = torch.get_rng_state()
+    assert len(list(train_loader(rows, sampler, 2, pad_id=0, packed=False))) == 2
+    assert len(list(eval_loader(rows, solo(), 2, pad_id=0))) == 4
+    assert torch.equal(torch.get_rng_state(), before)
