@@ -208,16 +208,16 @@ def _prune(root: Path, keep_last: int) -> None:
 
 def find_checkpoint(resume: str, output_dir: str | Path, report: bool = True) -> Path | None:
     """The tag folder to resume from: ``auto`` = the output_dir's newest complete checkpoint if any
-    (see newest_complete), ``none`` = fresh, else an explicit checkpoint (see resolve_checkpoint).
+    (see _newest_complete), ``none`` = fresh, else an explicit checkpoint (see resolve_checkpoint).
     ``report``: print the warnings (rank 0)."""
     if resume == "none":
         return None
     if resume == "auto":
-        return newest_complete(checkpoint_root(output_dir), report)
+        return _newest_complete(checkpoint_root(output_dir), report)
     return resolve_checkpoint(resume, "--resume")
 
 
-def newest_complete(root: Path, report: bool) -> Path | None:
+def _newest_complete(root: Path, report: bool) -> Path | None:
     """``latest`` if it is complete, else the newest complete step folder, with one warning that
     names what was skipped: a missing or broken ``latest`` never silently restarts at step 0."""
     latest = root / LATEST_FILE
