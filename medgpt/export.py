@@ -14,25 +14,12 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-from medgpt.checkpoint import LATEST_FILE, META_FILE, ds_to_universal, read_meta
+from medgpt.checkpoint import ds_to_universal, read_meta, resolve_checkpoint
 from medgpt.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0's full module state
 BF16_OPTIMIZER_FILES = "bf16_zero_pp_rank_*_optim_states.pt"  # BF16_Optimizer's per-rank state
-
-
-def resolve_tag_dir(checkpoint: str | Path) -> Path:
-    """Accept a tag folder, a checkpoints folder (its ``latest``) or a run's output_dir."""
-    path = Path(checkpoint)
-    for root in (path, path / "checkpoints"):
-        if (root / LATEST_FILE).is_file():
-            path = root / (root / LATEST_FILE).read_text().strip()
-            break
-    if not (path / META_FILE).is_file():
-        raise UserError(f"'{checkpoint}' is not a medgpt checkpoint (no {META_FILE}); pass "
-                        "a run's output_dir, its checkpoints folder or one of its step<N> folders")
-    return path
 
 
 def fp32_state_dict(tag_dir: Path, config: GPT2Config) -> dict[str, torch.Tensor]:
@@ -82,7 +69,7 @@ def _zero0_fp32_masters(optimizer_state: dict[str, Any], config: GPT2Config) -> 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "fp32") -> Path:
     if dtype not in DTYPES:
         raise UserError(f"--dtype '{dtype}' is unknown; use one of {', '.join(DTYPES)}")
-    tag_dir = resolve_tag_dir(checkpoint)
+    tag_dir = resolve_checkpoint(checkpoint, "--checkpoint")  # verified against its manifest
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise UserError(f"export folder '{output}' is not empty; pass a new --output folder")

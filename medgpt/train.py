@@ -18,11 +18,11 @@ import deepspeed
 import torch
 import yaml
 from tqdm import tqdm
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
 
 from medgpt.checkpoint import (TrainState, check_same_model, checkpoint_root, convert_to_universal, find_checkpoint,
-                               load_checkpoint, model_shape, read_meta, save_checkpoint)
+                               load_checkpoint, mark_finished, model_shape, read_finished, read_meta, save_checkpoint)
 from medgpt.config import Config, DataConfig
 from medgpt.data import ResumableDistributedSampler, eval_loader, to_device, train_loader, training_data
 from medgpt.distributed import Dist, init_distributed
@@ -35,9 +35,13 @@ from medgpt.lr_schedule import warmup_cosine
 from medgpt.metrics import MetricsLogger
 from medgpt.model import build_model, load_model_config, load_tokenizer
 from medgpt.preemption import PREEMPTED_EXIT, StopRequest
-from medgpt.pubmedqa import load_records, official_split
+from medgpt.pubmedqa import Record, load_records, official_split
 from medgpt.throughput import (ThroughputWindow, console_summary, device_peak, peak_memory_bytes, step_flops,
                                use_tf32)
+
+
+# What a run does after its last step, in order, and the files each part leaves in output_dir.
+END_PARTS = {"test": ("test_metrics.json", "test_predictions.json"), "export": ("export",)}
 
 
 @dataclass
@@ -174,6 +178,40 @@ def _check_same_packing(saved: dict, data: DataConfig, tag_dir: Path) -> None:
                         "in another --output_dir")
 
 
+def _unfinished_parts(final: Path, output_dir: Path) -> list[str]:
+    """The end parts still to do for a final checkpoint: those not recorded as completed in it,
+    or whose files are gone from output_dir."""
+    done = read_finished(final)
+    return [part for part, files in END_PARTS.items()
+            if part not in done or not all((output_dir / f).exists() for f in files)]
+
+
+def _score_test(engine: deepspeed.DeepSpeedEngine, tokenizer: PreTrainedTokenizerBase, records: list[Record],
+                cfg: Config, dist: Dist, logger: MetricsLogger | None, step: int, final: Path) -> None:
+    """The official test set, once, with the final weights (all ranks score; rank 0 writes).
+    Recorded in the final checkpoint last: a crash before that leaves it to the rerun (a crash
+    between the TensorBoard flush and the record, a few milliseconds, would log it twice)."""
+    test = evaluate_records(engine, tokenizer, records, dist, cfg.data.seq_len, cfg.train.eval_batch_size,
+                            progress=dist.is_main)
+    if dist.is_main:
+        write_results(Path(cfg.train.output_dir), test.predictions(records), test.metrics, prefix="test_")
+        logger.log(step, metric_scalars(test, "test"))
+        logger.close()
+        mark_finished(final, "test")
+        print(f"test: accuracy {test.metrics['accuracy']:.3f}, macro-F1 {test.metrics['macro_f1']:.3f}")
+
+
+def _export_final(final: Path, output_dir: Path, dist: Dist) -> None:
+    """Rank 0 exports alone, after the process group is gone: no rank waits on it in a collective."""
+    torch.distributed.destroy_process_group()
+    if dist.is_main:
+        export = output_dir / "export"
+        shutil.rmtree(export, ignore_errors=True)  # medgpt's own output, replaced by the newer weights
+        export_checkpoint(final, export)
+        mark_finished(final, "export")
+        print(f"medgpt: exported {export}", flush=True)
+
+
 def train(cfg: Config) -> None:
     stop_request = StopRequest()  # first: a signal that arrives during start-up is not lost
     dist = init_distributed(cfg.train.device)
@@ -186,7 +224,7 @@ def train(cfg: Config) -> None:
     split = official_split(records, cfg.data.fold)
     model_config = load_model_config(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    resume_from = find_checkpoint(t.resume, t.output_dir)
+    resume_from = find_checkpoint(t.resume, t.output_dir, report=dist.is_main)
     if resume_from is None and t.resume == "none" and checkpoint_root(t.output_dir).exists():
         raise UserError(f"output_dir '{t.output_dir}' already holds checkpoints and --resume none would overwrite "
                         "them; use --resume auto to continue, or another --output_dir")
@@ -215,10 +253,17 @@ def train(cfg: Config) -> None:
     if dist.is_main and t.precision == "bf16" and zero_stage(ds_config) == 0:
         print("medgpt: note: ZeRO-0 in bf16 accumulates and all-reduces gradients in bf16 (DeepSpeed keeps fp32 "
               "accumulation for ZeRO >= 1); ZeRO-1 accumulates in fp32 at about the same memory", flush=True)
+    end_parts = list(END_PARTS)
     if saved and saved["train_state"]["step"] >= total_steps:
+        # A finished run: only what its end (test scoring, export) left undone.
+        end_parts = _unfinished_parts(resume_from, Path(t.output_dir))
         if dist.is_main:
-            print(f"medgpt: {resume_from} already finished all {total_steps} steps; nothing to do", flush=True)
-        return
+            print(f"medgpt: {resume_from} already finished all {total_steps} steps; "
+                  + (f"completing its {' and '.join(end_parts)}" if end_parts else "nothing to do"), flush=True)
+        if "test" not in end_parts:  # the export needs only the checkpoint's files, not an engine
+            if end_parts:
+                _export_final(resume_from, Path(t.output_dir), dist)
+            return
     # A ZeRO checkpoint is partitioned per rank: on another world size it loads through
     # DeepSpeed's universal format.
     reshard = bool(saved) and saved["world_size"] != dist.world_size and saved["zero_stage"] > 0
@@ -252,6 +297,7 @@ def train(cfg: Config) -> None:
     state = TrainState()
     if resume_from:
         state = load_checkpoint(engine, convert_to_universal(resume_from, dist) if reshard else resume_from, dist)
+    start_step = state.step
     checkpoint_meta = {"global_batch": global_batch, "zero_stage": zero_stage(ds_config),
                        "model_shape": model_shape(model_config), "model_config": model_config.to_dict(),
                        "config": cfg.to_dict()}
@@ -267,7 +313,8 @@ def train(cfg: Config) -> None:
               f"x {dist.world_size} rank(s)", flush=True)
 
     # A resumed run drops any events the earlier run logged after its checkpoint.
-    logger = MetricsLogger(output_dir, purge_step=state.step + 1 if resume_from else None) if dist.is_main else None
+    # (A fresh start purges from step 1: events of an earlier run that crashed before its first checkpoint.)
+    logger = MetricsLogger(output_dir, purge_step=state.step + 1) if dist.is_main else None
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not dist.is_main,
                dynamic_ncols=True)
     window = ThroughputWindow()
@@ -333,20 +380,9 @@ def train(cfg: Config) -> None:
             state.consumed = 0
 
     bar.close()
-    final = save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
-
-    # --- The official test set, once, with the final weights (all ranks score; rank 0 writes).
-    test = evaluate_records(engine, tokenizer, test_records, dist, cfg.data.seq_len, t.eval_batch_size,
-                            progress=dist.is_main)
-    if dist.is_main:
-        write_results(output_dir, test.predictions(test_records), test.metrics, prefix="test_")
-        logger.log(state.step, metric_scalars(test, "test"))
-        logger.close()
-        print(f"test: accuracy {test.metrics['accuracy']:.3f}, macro-F1 {test.metrics['macro_f1']:.3f}")
-    torch.distributed.destroy_process_group()
-    # Rank 0 exports alone, after the process group is gone: no rank waits on it in a collective.
-    if dist.is_main:
-        export = output_dir / "export"
-        shutil.rmtree(export, ignore_errors=True)  # medgpt's own output, replaced by the newer weights
-        export_checkpoint(final, export)
-        print(f"medgpt: exported {export}", flush=True)
+    # A finished run completing its test scoring resumed at its last step: its checkpoint is the final one.
+    final = (save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
+             if state.step > start_step else resume_from)
+    _score_test(engine, tokenizer, test_records, cfg, dist, logger, state.step, final)
+    if "export" in end_parts:
+        _export_final(final, output_dir, dist)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,42 @@ def two_rank_reference(tmp_path_factory: pytest.TempPathFactory, reference_args)
     out = tmp_path_factory.mktemp("reference-2ranks")
     check_ok(launch(reference_args(out), launcher="torchrun", nproc=2))
     return out
+
+
+# --- Checkpoint runs shared by tests/test_checkpoint.py and tests/test_checkpoint_integrity.py.
+STEPS = 8
+
+
+def ckpt_args(out: Path, cache: Path, stage: int, **overrides: object) -> list[str]:
+    flags: dict[str, object] = dict(max_steps=STEPS, save_every=2, keep_last=0, eval_every=0,
+                                    ds_config=REPO / "ds_configs" / f"zero{stage}.json")
+    return tiny_args(out, cache, **{**flags, **overrides})
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory: pytest.TempPathFactory, data_cache: Path):
+    """Uninterrupted 8-step runs on 2 ranks under torchrun, one per ZeRO stage and dropout, saving
+    every 2 steps (made on first use and shared by the tests; tests that change a run work on a copy)."""
+    made: dict[tuple[int, float], Path] = {}
+
+    def get(stage: int, dropout: float = 0.0) -> Path:
+        if (stage, dropout) not in made:
+            out = tmp_path_factory.mktemp(f"zero{stage}-dropout{dropout}")
+            check_ok(launch(ckpt_args(out, data_cache, stage, dropout=dropout), launcher="torchrun", nproc=2))
+            made[stage, dropout] = out
+        return made[stage, dropout]
+    return get
+
+
+def stopped_at(run: Path, dest: Path, step: int = 4, older: tuple[int, ...] = ()) -> Path:
+    """A copy of a run as it was right after its step-N checkpoint (and the older ones named):
+    what a stopped run leaves."""
+    for kept in (*older, step):
+        shutil.copytree(run / "checkpoints" / f"step{kept}", dest / "checkpoints" / f"step{kept}")
+    (dest / "checkpoints" / "latest").write_text(f"step{step}")
+    shutil.copytree(run / "tensorboard", dest / "tensorboard")  # holds steps 1-8: those after N get purged
+    return dest
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    return read_scalars(out)["train/loss"]

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import ORI_JSON, REPO, launch, tiny_args
+from conftest import ORI_JSON, launch, tiny_args
 
 
 def write(path, text):

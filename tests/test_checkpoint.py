@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,41 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, TRAIN_PY, check_ok, free_port, launch, read_scalars, tiny_args
-
-STEPS = 8
-
-
-def ckpt_args(out, cache, stage, **overrides):
-    return tiny_args(out, cache, max_steps=STEPS, save_every=2, keep_last=0, eval_every=0,
-                     ds_config=REPO / "ds_configs" / f"zero{stage}.json", **overrides)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_cache):
-    """Uninterrupted 8-step runs on 2 ranks under torchrun, one per ZeRO stage and dropout, saving
-    every 2 steps (made on first use and shared by the tests below)."""
-    made = {}
-
-    def get(stage, dropout=0.0):
-        if (stage, dropout) not in made:
-            out = tmp_path_factory.mktemp(f"zero{stage}-dropout{dropout}")
-            check_ok(launch(ckpt_args(out, data_cache, stage, dropout=dropout), launcher="torchrun", nproc=2))
-            made[stage, dropout] = out
-        return made[stage, dropout]
-    return get
-
-
-def stopped_at(run, dest, step=4):
-    """A copy of a run as it was right after its step-N checkpoint: what a stopped run leaves."""
-    shutil.copytree(run / "checkpoints" / f"step{step}", dest / "checkpoints" / f"step{step}")
-    (dest / "checkpoints" / "latest").write_text(f"step{step}")
-    shutil.copytree(run / "tensorboard", dest / "tensorboard")  # holds steps 1-8: those after N get purged
-    return dest
-
-
-def losses(out):
-    return read_scalars(out)["train/loss"]
+from conftest import REPO, STEPS, TRAIN_PY, check_ok, ckpt_args, free_port, launch, losses, stopped_at, tiny_args
 
 
 # Step 2 is the end of warmup (tiny_args: warmup_steps 2); a resume there once drifted by one ulp

@@ -1,6 +1,5 @@
 """The memory planner against the real thing: parameter counts of real GPT-2 models, DeepSpeed's
 own estimators, activations kept by autograd in a real forward, and the CLI as a user runs it."""
-import json
 
 import pytest
 import torch
