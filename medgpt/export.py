@@ -19,13 +19,12 @@ from medgpt.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0's full module state
-BF16_OPTIMIZER_FILES = "bf16_zero_pp_rank_*_optim_states.pt"  # BF16_Optimizer's per-rank state
 
 
 def fp32_state_dict(tag_dir: Path, config: GPT2Config) -> dict[str, torch.Tensor]:
     """The full fp32 weights of a checkpoint, consolidated by DeepSpeed."""
     meta = read_meta(tag_dir)
-    if any(tag_dir.glob(BF16_OPTIMIZER_FILES)):
+    if meta.get("optimizer") == "BF16_Optimizer":
         return _universal_fp32(tag_dir)
     if meta["zero_stage"] > 0:
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)

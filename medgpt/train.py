@@ -300,7 +300,9 @@ def train(cfg: Config) -> None:
     start_step = state.step
     checkpoint_meta = {"global_batch": global_batch, "zero_stage": zero_stage(ds_config),
                        "model_shape": model_shape(model_config), "model_config": model_config.to_dict(),
-                       "config": cfg.to_dict()}
+                       "config": cfg.to_dict(),
+                       # The wrapper decides the checkpoint's layout (medgpt/export.py reads it).
+                       "optimizer": type(engine.optimizer).__name__}
 
     use_tf32(dist.device, t.tf32 and t.precision == "fp32")
     # MFU's denominator: the ranks' peaks summed (measured ones differ a little from rank to rank;
