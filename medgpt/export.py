@@ -14,6 +14,8 @@ from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHead
 
 from medgpt.checkpoint import LATEST_FILE, META_FILE, read_meta
 from medgpt.errors import UserError
+from medgpt.outputs import check_new_output_dir
+from medgpt.safe_load import check_checkpoint_files, load_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0's full module state
@@ -35,9 +37,10 @@ def resolve_tag_dir(checkpoint: str | Path) -> Path:
 def fp32_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The full fp32 weights of a checkpoint, consolidated by DeepSpeed."""
     if read_meta(tag_dir)["zero_stage"] > 0:
+        check_checkpoint_files(tag_dir)  # zero_to_fp32 loads with weights_only=False (medgpt/safe_load.py)
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     # ZeRO-0 (fp32): DeepSpeed saved the full module state with the engine's bookkeeping.
-    states = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
+    states = load_weights(tag_dir / MODEL_STATES)
     return {k: v.float() for k, v in states["module"].items()}
 
 
@@ -46,8 +49,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "
         raise UserError(f"--dtype '{dtype}' is unknown; use one of {', '.join(DTYPES)}")
     tag_dir = resolve_tag_dir(checkpoint)
     output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise UserError(f"export folder '{output}' is not empty; pass a new --output folder")
+    check_new_output_dir(output, "export folder")
     meta = read_meta(tag_dir)
     if meta["zero_stage"] == 0 and meta["config"]["train"]["precision"] != "fp32":
         raise UserError("exporting a ZeRO-0 checkpoint trained in bf16/fp16 is not supported: its fp32 master "
