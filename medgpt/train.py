@@ -132,7 +132,6 @@ def _check_same_packing(saved: dict, data: DataConfig, tag_dir: Path) -> None:
 
 def train(cfg: Config) -> None:
     stop_request = StopRequest()  # first: a signal that arrives during start-up is not lost
-    dist = init_distributed()
     t = cfg.train
 
     # --- Everything that can be wrong with the input is checked before anything is written to output_dir
@@ -144,6 +143,8 @@ def train(cfg: Config) -> None:
         lambda: find_checkpoint(t.resume, t.output_dir), lambda: check_output_dir(t.output_dir, "output_dir"))
     split, _ = check_all(lambda: official_split(records, cfg.data.fold),
                          lambda: resume_from and check_checkpoint_files(resume_from, universal_dir(resume_from)))
+    # Only valid input joins the process group (which also leaves DeepSpeed's buffers in /dev/shm).
+    dist = init_distributed()
     if resume_from is None and t.resume == "none" and checkpoint_root(t.output_dir).exists():
         raise UserError(f"output_dir '{t.output_dir}' already holds checkpoints and --resume none would overwrite "
                         "them; use --resume auto to continue, or another --output_dir")
