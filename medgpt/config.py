@@ -113,10 +113,9 @@ class Config:
         for name in ("micro_batch_size", "eval_batch_size", "grad_accum", "log_every"):
             if getattr(t, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(t, name)})")
-        for name in ("epochs", "max_steps", "eval_every", "save_every", "keep_last", "warmup_steps"):
-            value = getattr(o if name == "warmup_steps" else t, name)
-            if value < 0:
-                problems.append(f"{name} must be >= 0 (got {value})")
+        for name in ("epochs", "max_steps", "eval_every", "save_every", "keep_last"):
+            if getattr(t, name) < 0:
+                problems.append(f"{name} must be >= 0 (got {getattr(t, name)})")
         if bad("peak_tflops", t.peak_tflops < 0):
             problems.append(f"peak_tflops must be a finite number >= 0, the per-device peak TFLOPS for MFU "
                             f"(0 looks the GPU up or measures the device; got {t.peak_tflops})")
@@ -130,7 +129,7 @@ class Config:
             problems.append(f"dropout must be in [0, 1) (got {m.dropout})")
         if bad("lr", o.lr <= 0):
             problems.append(f"lr must be > 0 (got {o.lr})")
-        for name in ("grad_clip", "weight_decay"):
+        for name in ("warmup_steps", "grad_clip", "weight_decay"):
             if bad(name, getattr(o, name) < 0):
                 problems.append(f"{name} must be >= 0 (got {getattr(o, name)})")
         for name in ("adam_beta1", "adam_beta2"):
