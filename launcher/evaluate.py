@@ -4,16 +4,15 @@
     torchrun --nproc_per_node 2 launcher/evaluate.py --model runs/gpt2/model --split dev --fold 3
     python launcher/evaluate.py --predictions runs/eval-test/predictions.json
 """
-import argparse
 import sys
 
-from medgpt.errors import run_cli
+from medgpt.errors import CliParser, run_cli
 from medgpt.eval_job import EvalRequest, run_evaluation
 
 
 def parse(argv: list[str]) -> EvalRequest:
     defaults = EvalRequest()
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="evaluate.py", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=defaults.model, help="save_pretrained folder")
     parser.add_argument("--split", default=defaults.split, help="test (official 500) or dev (CV fold)")
     parser.add_argument("--fold", type=int, default=defaults.fold, help="CV fold 0..9 (dev split)")
@@ -26,6 +25,8 @@ def parse(argv: list[str]) -> EvalRequest:
     parser.add_argument("--mode", default=defaults.mode, help="loglik or generate")
     parser.add_argument("--predictions", default=defaults.predictions,
                         help="rescore this predictions.json against the split's gold labels (no model)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace predictions.json / metrics.json in a non-empty --output")
     return EvalRequest(**vars(parser.parse_args(argv)))
 
 

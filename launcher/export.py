@@ -4,12 +4,12 @@
 """
 import argparse
 
-from medgpt.errors import run_cli
+from medgpt.errors import CliParser, run_cli
 from medgpt.export import DTYPES, export_checkpoint
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="a run's output_dir, its checkpoints/ folder, or one checkpoints/step<N> folder")
     parser.add_argument("--output", required=True, help="new folder for config.json, model.safetensors, tokenizer")

@@ -2,15 +2,14 @@
 
     python launcher/generate.py --model runs/gpt2/model "Does aspirin prevent stroke?" --context "..."
 """
-import argparse
 import sys
 
-from medgpt.errors import run_cli
+from medgpt.errors import CliParser, run_cli
 from medgpt.inference import run_generate
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="generate.py", description=__doc__.splitlines()[0])
     parser.add_argument("question")
     parser.add_argument("--model", required=True, help="save_pretrained folder")
     parser.add_argument("--context", action="append", default=[], help="a context passage (repeatable)")

@@ -8,13 +8,13 @@ Per GPU: parameters, gradients and optimizer states (DeepSpeed's accounting) and
 import argparse
 
 from medgpt.config import PRECISIONS
-from medgpt.errors import UserError, run_cli
+from medgpt.errors import CliParser, UserError, run_cli
 from medgpt.memory_plan import (ATTENTIONS, GiB, PlanRow, Workload, load_shape, loads_pretrained, plan,
                                 recommend)
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
                         help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a save_pretrained folder or a GPT2Config .json")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs per node")

@@ -7,7 +7,14 @@ import sys
 
 from medgpt.config import parse_config
 from medgpt.errors import run_cli
-from medgpt.train import train
+
+
+def main(argv: list[str]) -> None:
+    cfg = parse_config(argv)
+    from medgpt.train import train  # imports DeepSpeed (seconds): bad flags are reported before it
+
+    train(cfg)
+
 
 if __name__ == "__main__":
-    run_cli(lambda: train(parse_config(sys.argv[1:])))
+    run_cli(lambda: main(sys.argv[1:]))

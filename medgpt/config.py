@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from medgpt.errors import UserError
+from medgpt.errors import CliParser, UserError
 
 HUB_DATASET = "qiaojin/PubMedQA"
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -97,8 +97,21 @@ class Config:
 
     def validate(self) -> None:
         """Check every field once; report all problems together."""
-        problems: list[str] = []
+        problems = self.problems()
+        if problems:
+            raise UserError(*problems)
+
+    def problems(self) -> list[str]:
+        """Every problem of the field values, one sentence each (a field is named at most once)."""
         t, o, d, m = self.train, self.optim, self.data, self.model
+        # NaN passes every comparison below as "fine" (nan <= 0 is False): non-finite floats first,
+        # and the range checks then skip them.
+        nonfinite = {name: value for name, value in self._floats().items() if not math.isfinite(value)}
+        problems = [f"{name} must be a finite number (got {value})" for name, value in nonfinite.items()]
+
+        def bad(name: str, broken: bool) -> bool:
+            return name not in nonfinite and broken
+
         if t.precision not in PRECISIONS:
             problems.append(f"precision '{t.precision}' is unknown; use one of {', '.join(PRECISIONS)}")
         for name in ("micro_batch_size", "eval_batch_size", "grad_accum", "log_every"):
@@ -111,7 +124,7 @@ class Config:
             problems.append(f"device '{t.device}' is unknown; use one of {', '.join(DEVICES)}")
         if t.max_skipped_steps < 1:
             problems.append(f"max_skipped_steps must be >= 1 (got {t.max_skipped_steps})")
-        if not 0 <= t.peak_tflops < math.inf:
+        if bad("peak_tflops", t.peak_tflops < 0):
             problems.append(f"peak_tflops must be a finite number >= 0, the per-device peak TFLOPS for MFU "
                             f"(0 looks the GPU up or measures the device; got {t.peak_tflops})")
         if t.epochs == 0 and t.max_steps == 0:
@@ -120,16 +133,26 @@ class Config:
             problems.append(f"fold must be 0..9, one of the 10 official folds (got {d.fold})")
         if d.seq_len < 32:
             problems.append(f"seq_len must be >= 32 (got {d.seq_len})")
-        if not 0 <= m.dropout < 1:
+        if bad("dropout", not 0 <= m.dropout < 1):
             problems.append(f"dropout must be in [0, 1) (got {m.dropout})")
-        if o.lr <= 0:
+        if bad("lr", o.lr <= 0):
             problems.append(f"lr must be > 0 (got {o.lr})")
-        if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
-            problems.append("warmup_steps, grad_clip and weight_decay must be >= 0")
-        if not 0 <= o.min_lr_ratio <= 1:
+        for name in ("warmup_steps", "grad_clip", "weight_decay"):
+            if bad(name, getattr(o, name) < 0):
+                problems.append(f"{name} must be >= 0 (got {getattr(o, name)})")
+        for name in ("adam_beta1", "adam_beta2"):
+            if bad(name, not 0 <= getattr(o, name) < 1):
+                problems.append(f"{name} must be in [0, 1) (got {getattr(o, name)})")
+        if bad("adam_eps", o.adam_eps <= 0):
+            problems.append(f"adam_eps must be > 0 (got {o.adam_eps})")
+        if bad("min_lr_ratio", not 0 <= o.min_lr_ratio <= 1):
             problems.append(f"min_lr_ratio must be in [0, 1] (got {o.min_lr_ratio})")
-        if problems:
-            raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        return problems
+
+    def _floats(self) -> dict[str, float]:
+        """Every float field by its flat name."""
+        return {name: getattr(getattr(self, section), name) for name, (section, kind) in _field_index().items()
+                if kind is float}
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
@@ -173,8 +196,8 @@ def _field_index() -> dict[str, tuple[str, type]]:
     return index
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> CliParser:
+    parser = CliParser(
         prog="train.py",
         description="Fine-tune GPT-2 on PubMedQA with DeepSpeed. Every field of the YAML config "
         "is also a flag; flags win over the file.",
@@ -206,24 +229,40 @@ def _load_yaml(path: str) -> dict[str, dict[str, Any]]:
     return raw
 
 
+def _coerced(entries: dict[str, Any], kind_of: dict[str, type], where: str, problems: list[str]) -> dict[str, Any]:
+    """The values that convert to their field's type; the others become problems (so a wrong type
+    does not hide the problems found after it)."""
+    values = {}
+    for name, value in entries.items():
+        try:
+            values[name] = _coerce(value, kind_of[name], where.format(name=name))
+        except UserError as err:
+            problems += err.problems
+    return values
+
+
 def parse_config(argv: list[str]) -> Config:
-    """Build the validated Config from a command line (and the YAML file it names)."""
-    args = build_parser().parse_args(argv)
+    """Build the validated Config from a command line (and the YAML file it names). Every
+    problem -- unknown flags and fields, wrong types, values out of range -- is reported at once."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    problems = parser.unknown_problems(unknown)
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     index = _field_index()
+    kind_of = {name: kind for name, (_, kind) in index.items()}
     if args.config:
         for section, entries in _load_yaml(args.config).items():
             fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
-            for key, value in entries.items():
-                if key not in fields:
-                    raise UserError(f"config file '{args.config}': unknown field '{section}.{key}'; "
-                                    f"fields of '{section}' are {', '.join(sorted(fields))}")
-                values[section][key] = _coerce(value, index[key][1], f"{section}.{key}")
-    for name, (section, kind) in index.items():
-        flag_value = getattr(args, name)
-        if flag_value is not None:
-            values[section][name] = _coerce(flag_value, kind, f"--{name}")
+            for key in sorted(entries.keys() - fields):
+                problems.append(f"config file '{args.config}': unknown field '{section}.{key}'; "
+                                f"fields of '{section}' are {', '.join(sorted(fields))}")
+            known = {key: value for key, value in entries.items() if key in fields}
+            values[section].update(_coerced(known, kind_of, f"{section}.{{name}}", problems))
+    flags = {name: getattr(args, name) for name in index if getattr(args, name) is not None}
+    for name, value in _coerced(flags, kind_of, "--{name}", problems).items():
+        values[index[name][0]][name] = value
     config = Config(**{name: SECTIONS[name](**vals) for name, vals in values.items()})
-    config.validate()
+    problems += config.problems()
+    if problems:
+        raise UserError(*problems)
     return config
-

@@ -168,7 +168,7 @@ def choose_device(requested: str, local_rank: int) -> torch.device:
             return torch.device("cuda", 0)
         if local_rank >= count:
             raise UserError(f"local rank {local_rank} on this node but only {count} GPUs are visible; start at "
-                            f"most {count} ranks per node (--nproc_per_node / --num_gpus)", rank_specific=True)
+                            f"most {count} ranks per node (--nproc_per_node / --num_gpus)")
         return torch.device("cuda", local_rank)
     build = f"torch {torch.__version__}, " + (f"CUDA {torch.version.cuda}" if torch.version.cuda
                                                else "a CPU-only build")

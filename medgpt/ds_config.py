@@ -14,6 +14,7 @@ from medgpt.errors import UserError
 
 # DeepSpeed prints its own progress every steps_per_print steps; medgpt logs instead.
 QUIET_STEPS_PER_PRINT = 10**9
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 def load_ds_config(path: str) -> dict[str, Any]:
@@ -27,7 +28,19 @@ def load_ds_config(path: str) -> dict[str, Any]:
         raise UserError(f"DeepSpeed config '{path}' is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
         raise UserError(f"DeepSpeed config '{path}' must be a JSON object")
+    _check_zero_stage(raw, path)
     return raw
+
+
+def _check_zero_stage(raw: dict[str, Any], path: str) -> None:
+    """DeepSpeed itself only rejects an unknown stage inside deepspeed.initialize (its pydantic
+    ZeroStageEnum field, deepspeed/runtime/zero/config.py:95), after the run has started writing."""
+    zero = raw.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    # bool is an int in Python, but "stage": true is not a stage.
+    if isinstance(stage, bool) or stage not in ZERO_STAGES:
+        raise UserError(f"DeepSpeed config '{path}': zero_optimization.stage {json.dumps(stage)} is not a ZeRO "
+                        f"stage; use one of {', '.join(map(str, ZERO_STAGES))} (e.g. ds_configs/zero2.json)")
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
@@ -144,5 +157,5 @@ def resolve_ds_config(raw: dict[str, Any], cfg: Config, world_size: int, total_s
         problems.append(f"ds_config has \"auto\" where medgpt has no value: {', '.join(leftover)}; "
                         "write a number there")
     if problems:
-        raise UserError("DeepSpeed config does not fit the training config:\n  - " + "\n  - ".join(problems))
+        raise UserError(*problems)
     return ds

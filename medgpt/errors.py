@@ -11,28 +11,35 @@
 """
 from __future__ import annotations
 
+import argparse
+import difflib
 import os
+import signal
 import sys
-from typing import Callable
+import time
+from typing import Any, Callable, NoReturn, Sequence
 
 USER_ERROR_EXIT = 2
 DIVERGED_EXIT = 3
 STALLED_EXIT = 4
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" -- the job script requeues itself
+# How long a rank other than 0 waits for rank 0 to report the same bad input and end the job.
+OTHER_RANK_REPORT_DELAY_S = 60.0
 
 
 class Failure(Exception):
-    """A run that ends with ``exit_code`` after one line saying why. Every rank raises the same
-    failure and rank 0 alone prints it, unless it is ``rank_specific`` (then each rank that raises it)."""
+    """A run that ends with ``exit_code`` after one ``medgpt: error:`` line per problem. Several
+    problems found together travel in one failure."""
     exit_code = 1
 
-    def __init__(self, message: str, rank_specific: bool = False) -> None:
-        super().__init__(message)
-        self.rank_specific = rank_specific
+    def __init__(self, *problems: str) -> None:
+        # One line per problem (a YAML or JSON parser's message can span several).
+        self.problems = [" ".join(problem.split()) for problem in problems]
+        super().__init__("\n".join(self.problems))
 
 
 class UserError(Failure):
-    """Bad input the user can fix: the message names the problem and the fix."""
+    """Bad input the user can fix: each problem names what is wrong and the fix."""
     exit_code = USER_ERROR_EXIT
 
 
@@ -41,16 +48,95 @@ class TrainingDiverged(Failure):
     exit_code = DIVERGED_EXIT
 
 
-def _is_main_process() -> bool:
-    # The launchers set RANK; a plain process is rank 0. Every rank raises the same failure.
-    return os.environ.get("RANK", "0") == "0"
+def check_all(*checks: Callable[[], Any]) -> list[Any]:
+    """Run independent checks, every one even after a failure, and report all their problems in
+    one UserError; otherwise return their results in order."""
+    results, problems = [], []
+    for check in checks:
+        try:
+            results.append(check())
+        except UserError as err:
+            problems += err.problems
+    if problems:
+        raise UserError(*problems)
+    return results
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors (exit 2, one line each, no usage dump), and whose
+    unknown flags name the closest valid one. Abbreviations are off: ``--lr`` never silently
+    means a longer flag."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        if message.endswith("expected one argument"):
+            # argparse reads a value like -1e-3 or -inf as another flag.
+            message += "; write a value that starts with '-' as --flag=-value"
+        raise UserError(message)
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: Any = None) -> argparse.Namespace:
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            raise UserError(*self.unknown_problems(unknown))
+        return parsed
+
+    def unknown_problems(self, unknown: list[str]) -> list[str]:
+        """One problem per unknown flag (its value, if it had one, is not another problem)."""
+        flags = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+        problems: list[str] = []
+        after_flag = False
+        for token in unknown:
+            if token.startswith("-") and not _is_number(token):
+                name = token.split("=", 1)[0]
+                close = difflib.get_close_matches(name, flags, n=1)
+                problems.append(f"unknown flag {name}" + (f"; did you mean {close[0]}?" if close else
+                                                          "; --help lists the flags"))
+                after_flag = "=" not in token
+            elif not after_flag:
+                problems.append(f"unexpected argument '{token}'; every value follows its --flag")
+            else:
+                after_flag = False
+        return problems
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def launch_rank() -> int:
+    """This process's rank as its launcher set it before any process group exists: RANK (torchrun,
+    the deepspeed launcher) or, for a task of an srun step, SLURM_PROCID (as medgpt.distributed)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ.get("SLURM_PROCID", "0")) if "SLURM_STEP_ID" in os.environ else 0
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a launcher's main; turn a Failure into one line on stderr and its exit code."""
+    """Run a launcher's main; turn a Failure into one ``medgpt: error:`` line per problem on
+    stderr and its exit code (2 for bad input)."""
     try:
         main()
     except Failure as err:
-        if err.rank_specific or _is_main_process():
-            print(f"medgpt: error: {err}", file=sys.stderr, flush=True)
+        report(err.problems, launch_rank())
         sys.exit(err.exit_code)
+
+
+def report(problems: list[str], rank: int) -> None:
+    """Every rank checks the same input (or step) and finds the same problems: rank 0 prints them at once, so a
+    job reports each once. Another rank waits first: rank 0's exit makes the launcher (torchrun,
+    deepspeed) end this one, and an early exit here would instead end rank 0 before it printed.
+    A rank that outlives the wait found a problem rank 0 did not (its own node's files): it says so."""
+    if rank > 0:
+        for signum in (signal.SIGTERM, signal.SIGINT):  # the launcher's SIGTERM (or Ctrl-C) ends the wait
+            signal.signal(signum, signal.SIG_DFL)
+        time.sleep(OTHER_RANK_REPORT_DELAY_S)
+    where = f" (rank {rank})" if rank > 0 else ""
+    for problem in problems:
+        print(f"medgpt: error{where}: {problem}", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ from medgpt.distributed import init_distributed
 from medgpt.errors import UserError
 from medgpt.evaluate import evaluate_records, write_results
 from medgpt.model import check_model_folder, load_saved_model, load_tokenizer
+from medgpt.outputs import check_new_output_dir, check_output_dir
 from medgpt.pubmedqa import DECISIONS, NUM_FOLDS, Record, load_records, official_split
 
 SPLITS = ("test", "dev")
@@ -34,6 +35,7 @@ class EvalRequest:
     seq_len: int = 1024
     mode: str = "loglik"
     predictions: str = ""  # rescore this predictions.json instead of running a model
+    overwrite: bool = False  # write into a non-empty output folder (else refused: nothing is overwritten)
 
     def validate(self) -> None:
         if self.split not in SPLITS:
@@ -46,6 +48,15 @@ class EvalRequest:
             raise UserError(f"batch_size must be >= 1 and seq_len >= 32 (got {self.batch_size}, {self.seq_len})")
         if not self.model and not self.predictions:
             raise UserError("pass --model <saved model folder>, or --predictions <file> to rescore one")
+        if self.writes_output and self.overwrite:
+            check_output_dir(self.output_dir, "--output")
+        elif self.writes_output:
+            check_new_output_dir(self.output_dir, "--output", overwrite_hint=", or --overwrite to replace its results")
+
+    @property
+    def writes_output(self) -> bool:
+        """Rescoring writes metrics.json only where --output is given."""
+        return bool(self.output) or not self.predictions
 
     @property
     def output_dir(self) -> Path:
@@ -81,7 +92,7 @@ def report_rescored(request: EvalRequest) -> None:
     """Print the metrics of --predictions (and write metrics.json when --output is given)."""
     metrics = rescore_predictions(request)
     print(format_table(metrics, f"{request.predictions} on PubMedQA {request.split}"))
-    if request.output:
+    if request.writes_output:
         request.output_dir.mkdir(parents=True, exist_ok=True)
         (request.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 

@@ -38,5 +38,6 @@ def label_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     # use_cache=False: transformers detects packed samples from position_ids only without a cache.
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     targets = labels[:, keep + 1]
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    # bf16/fp16 logits are raised to fp32 for the softmax; fp64 ones (the tests' references) stay fp64.
+    logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")

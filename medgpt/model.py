@@ -43,6 +43,23 @@ def load_model_config(cfg: ModelConfig) -> PretrainedConfig:
     return config
 
 
+def check_model_shape(config: PretrainedConfig, seq_len: int) -> PretrainedConfig:
+    """The config, if its shape trains at seq_len. Without this check the run fails once under way:
+    transformers raises for n_embd % n_head in the model constructor (models/gpt2/modeling_gpt2.py:84),
+    and a position beyond n_positions indexes past the position embedding (modeling_gpt2.py:492, 576)
+    in the first long batch."""
+    problems = []
+    if config.n_head < 1 or config.n_embd % config.n_head:
+        problems.append(f"model n_embd {config.n_embd} is not divisible by n_head {config.n_head}; each attention "
+                        "head takes an equal share of n_embd (GPT-2 small: 768 and 12)")
+    if seq_len > config.n_positions:
+        problems.append(f"seq_len {seq_len} is longer than the model's n_positions {config.n_positions}; lower "
+                        f"--seq_len to at most {config.n_positions}")
+    if problems:
+        raise UserError(*problems)
+    return config
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     name = cfg.tokenizer or (DEFAULT_TOKENIZER if _is_config_file(cfg.model) else cfg.model)
     try:

@@ -119,12 +119,23 @@ def _stratified_split(items: list[int], labels: list[str], folds: int, rng: rand
         by_label[labels[i]].append(i)
     chunks = {d: _split_label(v, folds, rng) for d, v in by_label.items()}
     output = [[i for d in DECISIONS for i in chunks[d][k]] for k in range(folds)]
+    _require_every_part(output, len(labels))
     if len(output[-1]) != len(output[0]):
         for k in range(folds - 1):
             picked = rng.choice(output[k])
             output[k].remove(picked)
             output[-1].append(picked)
+    _require_every_part(output, len(labels))
     return output
+
+
+def _require_every_part(parts: list[list[int]], questions: int) -> None:
+    """A data file far smaller than pqa_labeled leaves a part of the split empty: no dev or test
+    question, or (unchecked) an IndexError inside the official procedure."""
+    if not all(parts):
+        raise UserError(f"the data holds {questions} questions, too few for the official split: it halves them "
+                        f"into test and train, then cuts train into {NUM_FOLDS} folds, each of at least one "
+                        "question (pqa_labeled has 1000); pass the full pqa_labeled")
 
 
 def official_split(records: list[Record], fold: int) -> Split:

@@ -22,20 +22,23 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
 
 from medgpt.checkpoint import (TrainState, check_same_model, checkpoint_root, convert_to_universal, find_checkpoint,
-                               load_checkpoint, mark_finished, model_shape, read_finished, read_meta, save_checkpoint)
+                               load_checkpoint, mark_finished, model_shape, read_finished, read_meta, save_checkpoint,
+                               universal_dir)
 from medgpt.config import Config, DataConfig
 from medgpt.data import ResumableDistributedSampler, eval_loader, to_device, train_loader, training_data
 from medgpt.distributed import Dist, init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
-from medgpt.errors import TrainingDiverged, UserError
+from medgpt.errors import TrainingDiverged, UserError, check_all, launch_rank
 from medgpt.evaluate import evaluate_records, metric_scalars, write_results
 from medgpt.export import export_checkpoint
 from medgpt.loss import count_label_tokens, label_loss_sum
 from medgpt.lr_schedule import warmup_cosine
 from medgpt.metrics import MetricsLogger
-from medgpt.model import build_model, load_model_config, load_tokenizer
+from medgpt.model import build_model, check_model_shape, load_model_config, load_tokenizer
+from medgpt.outputs import check_output_dir
 from medgpt.preemption import PREEMPTED_EXIT, StopRequest
 from medgpt.pubmedqa import Record, load_records, official_split
+from medgpt.safe_load import check_checkpoint_files
 from medgpt.throughput import (ThroughputWindow, console_summary, device_peak, peak_memory_bytes, step_flops,
                                use_tf32)
 
@@ -214,17 +217,20 @@ def _export_final(final: Path, output_dir: Path, dist: Dist) -> None:
 
 def train(cfg: Config) -> None:
     stop_request = StopRequest()  # first: a signal that arrives during start-up is not lost
-    dist = init_distributed(cfg.train.device)
     t = cfg.train
 
     # --- Everything that can be wrong with the input is checked before anything is written to output_dir
     # (the data cache below is written first: the number of packed rows sets the step count).
-    raw_ds_config = load_ds_config(t.ds_config)
-    records = load_records(cfg.data.data)
-    split = official_split(records, cfg.data.fold)
-    model_config = load_model_config(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
-    resume_from = find_checkpoint(t.resume, t.output_dir, report=dist.is_main)
+    # Independent checks all run, and every problem is reported together; then those that need their results.
+    raw_ds_config, records, model_config, tokenizer, resume_from, _ = check_all(
+        lambda: load_ds_config(t.ds_config), lambda: load_records(cfg.data.data),
+        lambda: check_model_shape(load_model_config(cfg.model), cfg.data.seq_len), lambda: load_tokenizer(cfg.model),
+        lambda: find_checkpoint(t.resume, t.output_dir, report=launch_rank() == 0),
+        lambda: check_output_dir(t.output_dir, "output_dir"))
+    split, _ = check_all(lambda: official_split(records, cfg.data.fold),
+                         lambda: resume_from and check_checkpoint_files(resume_from, universal_dir(resume_from)))
+    # Only valid input joins the process group (which also leaves DeepSpeed's buffers in /dev/shm).
+    dist = init_distributed(t.device)
     if resume_from is None and t.resume == "none" and checkpoint_root(t.output_dir).exists():
         raise UserError(f"output_dir '{t.output_dir}' already holds checkpoints and --resume none would overwrite "
                         "them; use --resume auto to continue, or another --output_dir")
@@ -278,12 +284,6 @@ def train(cfg: Config) -> None:
     dev_loader = eval_loader(data.dev, dist, t.eval_batch_size, pad_id)
     dev_records, test_records = [records[i] for i in split.dev], [records[i] for i in split.test]
 
-    output_dir = Path(t.output_dir)
-    if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-
     # --- Model and engine. The HfDeepSpeedConfig stays alive for the whole run: transformers
     # reads it to keep ZeRO-3 ranks in step when generating.
     model = build_model(cfg.model, model_config, ds_config, seed=t.seed)
@@ -303,6 +303,12 @@ def train(cfg: Config) -> None:
                        "config": cfg.to_dict(),
                        # The wrapper decides the checkpoint's layout (medgpt/export.py reads it).
                        "optimizer": type(engine.optimizer).__name__}
+    # The first write to output_dir: a model or engine that fails to build leaves the folder as it was.
+    output_dir = Path(t.output_dir)
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 
     use_tf32(dist.device, t.tf32 and t.precision == "fp32")
     # MFU's denominator: the ranks' peaks summed (measured ones differ a little from rank to rank;

@@ -242,3 +242,18 @@ def test_training_logs_accuracy_and_writes_test_metrics(tmp_path, data_cache):
     metrics, predictions = read_json(out / "test_metrics.json"), read_json(out / "test_predictions.json")
     assert predictions.keys() == read_json(GROUND_TRUTH).keys() and metrics["num_questions"] == 500
     assert scalars["test/accuracy"][0][1] == pytest.approx(metrics["accuracy"])
+
+
+def test_a_non_empty_output_is_only_overwritten_when_told(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("an earlier evaluation")
+    args = ["--predictions", str(predictions_file(tmp_path)), "--data", str(ORI_JSON), "--output", str(out)]
+    proc = launch(args, script=EVALUATE_PY)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("medgpt: error:")]
+    assert "is not empty" in error and "--overwrite" in error
+    assert [p.name for p in out.iterdir()] == ["metrics.json"]
+    assert (out / "metrics.json").read_text() == "an earlier evaluation"
+    check_ok(launch([*args, "--overwrite"], script=EVALUATE_PY))
+    assert read_json(out / "metrics.json")["num_questions"] == 500
