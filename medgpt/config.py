@@ -79,6 +79,13 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept (0: all)
     resume: str = "auto"  # auto (latest in output_dir, if any) | none | a checkpoint path
     peak_tflops: float = 0.0  # per-device peak for perf/mfu; 0: the GPU datasheet table, else a timed matmul
+    # Seconds from a stop signal (USR1/TERM/INT) to exit: the step in progress and the checkpoint must fit.
+    # Under the launchers' own 30 s (torchrun --shutdown_timeout, deepspeed's launch.py, SLURM's KillWait) they
+    # would SIGKILL the ranks first; past it a rank exits with STALLED_EXIT instead.
+    stop_timeout: float = 25.0
+    # Seconds a collective may wait for the other ranks before the rank gives up with STALLED_EXIT: longer
+    # than the slowest step, evaluation or checkpoint save (ranks wait at a barrier while others write).
+    collective_timeout: float = 600.0
 
 
 @dataclass
@@ -106,6 +113,9 @@ class Config:
         if not 0 <= t.peak_tflops < math.inf:
             problems.append(f"peak_tflops must be a finite number >= 0, the per-device peak TFLOPS for MFU "
                             f"(0 looks the GPU up or measures the device; got {t.peak_tflops})")
+        for name in ("stop_timeout", "collective_timeout"):
+            if not 0 < getattr(t, name) < math.inf:
+                problems.append(f"{name} must be a finite number of seconds > 0 (got {getattr(t, name)})")
         if t.epochs == 0 and t.max_steps == 0:
             problems.append("set epochs or max_steps to more than 0")
         if not 0 <= d.fold <= 9:

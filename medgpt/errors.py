@@ -6,8 +6,13 @@
 | 1    | an unexpected crash (a bug or a dead node): traceback in the log         | read the traceback  |
 | 2    | bad input, reported before anything was written                          | fix what it says    |
 | 3    | training diverged (non-finite loss or gradients, too many skipped steps) | lower lr, check data|
-| 4    | a rank stalled: a collective did not complete within the timeout         | check the node      |
+| 4    | a rank stalled: a collective did not complete within collective_timeout, | check the node;     |
+|      | or after a stop signal the step and its save not within stop_timeout     | resume from latest  |
 | 75   | stopped on request (SIGUSR1/SIGTERM/SIGINT) after saving a checkpoint    | resume (requeue)    |
+
+Under torchrun the caller sees 1 whenever a rank exits non-zero (and after torchrun itself received
+SIGTERM/SIGINT); the deepspeed launcher passes on the first rank's non-zero code. 4 after a stop
+signal: nothing new was saved, and `latest` still names the last complete checkpoint (it is written last).
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from medgpt.checkpoint import (TrainState, check_same_model, checkpoint_root, co
                                load_checkpoint, model_shape, read_meta, save_checkpoint)
 from medgpt.config import Config, DataConfig
 from medgpt.data import ResumableDistributedSampler, eval_loader, train_loader, training_data
-from medgpt.distributed import Dist, init_distributed
+from medgpt.distributed import Dist, exit_on_collective_timeout, init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from medgpt.errors import UserError
 from medgpt.evaluate import evaluate_records, metric_scalars, write_results
@@ -32,7 +32,7 @@ from medgpt.loss import count_label_tokens, label_loss_sum
 from medgpt.lr_schedule import warmup_cosine
 from medgpt.metrics import MetricsLogger
 from medgpt.model import build_model, load_model_config, load_tokenizer
-from medgpt.preemption import PREEMPTED_EXIT, StopRequest
+from medgpt.preemption import PREEMPTED_EXIT, StopRequest, watch_deepspeed_launcher
 from medgpt.pubmedqa import load_records, official_split
 from medgpt.throughput import ThroughputWindow, console_summary, device_peak, peak_memory_bytes, step_flops
 
@@ -129,9 +129,10 @@ def _check_same_packing(saved: dict, data: DataConfig, tag_dir: Path) -> None:
 
 
 def train(cfg: Config) -> None:
-    stop_request = StopRequest()  # first: a signal that arrives during start-up is not lost
-    dist = init_distributed()
     t = cfg.train
+    stop_request = StopRequest(t.stop_timeout)  # first: a signal that arrives during start-up is not lost
+    watch_deepspeed_launcher()
+    dist = init_distributed(collective_timeout=t.collective_timeout)
 
     # --- Everything that can be wrong with the input is checked before anything is written to output_dir
     # (the data cache below is written first: the number of packed rows sets the step count).
@@ -221,6 +222,7 @@ def train(cfg: Config) -> None:
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not dist.is_main,
                dynamic_ncols=True)
     window = ThroughputWindow()
+    exit_on_collective_timeout(dist, t.collective_timeout, lambda: state.step)
     while state.step < total_steps:
         sampler.set_epoch(state.epoch, state.consumed)
         batches = iter(loader)
@@ -258,7 +260,8 @@ def train(cfg: Config) -> None:
             if state.step < total_steps and stop_request.agreed(dist):
                 save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
                 if dist.is_main:
-                    bar.write(f"medgpt: stop requested (SIGUSR1): saved step {state.step}, exiting "
+                    bar.write(f"medgpt: stop requested ({stop_request.signal_name or 'on another rank'}): "
+                              f"saved step {state.step}, exiting "
                               f"with {PREEMPTED_EXIT} so the job can be requeued and resume")
                 raise SystemExit(PREEMPTED_EXIT)
             if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:

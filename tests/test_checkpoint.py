@@ -1,19 +1,17 @@
 """Checkpoints: exact resume, resume on another world size, crash safety, export."""
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, TRAIN_PY, check_ok, free_port, launch, read_scalars, tiny_args
+from conftest import REPO, check_ok, free_port, launch, read_scalars, running, tiny_args, wait_for_first_step
 
 STEPS = 8
 
@@ -194,13 +192,11 @@ def test_export_cli_refuses_to_overwrite(runs, tmp_path):
 def test_sigusr1_saves_exits_75_and_resume_finishes(tmp_path, data_cache):
     out = tmp_path / "run"
     args = tiny_args(out, data_cache, max_steps=30, eval_every=0, log_every=1)
-    proc = subprocess.Popen([sys.executable, TRAIN_PY, *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 300
-    while not list((out / "tensorboard").glob("events*")) and time.time() < deadline:
-        time.sleep(0.2)  # training has started once rank 0 logged a step
-    proc.send_signal(signal.SIGUSR1)
-    output = proc.communicate(timeout=300)[0]
+    with running(args, tmp_path / "log") as proc:
+        wait_for_first_step(proc, out)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=300)
+    output = (tmp_path / "log").read_text()
     assert proc.returncode == 75, output[-3000:]
     step = int((out / "checkpoints" / "latest").read_text().removeprefix("step"))
     assert 1 <= step < 30 and "stop requested" in output
