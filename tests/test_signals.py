@@ -84,3 +84,40 @@ def test_stopped_rank_ends_the_job(launcher, caller_sees, tmp_path, data_cache):
     assert proc.returncode == caller_sees, log[-5000:]
     assert re.search(rf"medgpt: error: rank 0: a collective did not complete within {STALL_TIMEOUT_S} s after "
                      r"step \d+: another rank stalled", log), log[-5000:]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_killed_rank_ends_the_job(launcher, tmp_path, data_cache):
+    """The launcher's SIGTERM to the surviving rank is now a stop request: the job must still end at once."""
+    out = tmp_path / "run"
+    with running(tiny_args(out, data_cache, max_steps=1000, eval_every=0), tmp_path / "log", launcher=launcher,
+                 nproc=2) as proc:
+        wait_for_first_step(proc, out)
+        pids = run_pids(out)
+        os.kill(rank_pid(out, 1), signal.SIGKILL)
+        start = time.monotonic()
+        proc.wait(timeout=STOP_BOUND_S)
+        all_s = seconds_until_gone(pids, start, STOP_BOUND_S)
+    print(f"{launcher} killed rank: caller sees {proc.returncode}, no process left after {all_s:.1f} s")
+    assert proc.returncode != 0
+
+
+def test_stop_that_cannot_finish_in_time_exits_4_and_keeps_latest(tmp_path, data_cache):
+    """stop_timeout shorter than a step: the rank ends without saving; `latest` still names a complete
+    checkpoint, which resumes."""
+    out = tmp_path / "run"
+    args = tiny_args(out, data_cache, max_steps=1000, eval_every=0, save_every=1, stop_timeout=0.001)
+    latest = out / "checkpoints" / "latest"
+    with running(args, tmp_path / "log") as proc:
+        while not latest.exists():  # saved every step: the next save may be cut off by the deadline
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            time.sleep(0.2)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=STOP_BOUND_S)
+        print(f"stop_timeout 0.001 s: exit {proc.returncode} after {time.monotonic() - start:.1f} s")
+    log = (tmp_path / "log").read_text()
+    assert proc.returncode == 4, log[-3000:]
+    assert "stop requested (SIGTERM) but the step and its checkpoint did not finish within stop_timeout" in log
+    step = int(latest.read_text().removeprefix("step"))
+    check_ok(launch(tiny_args(out, data_cache, max_steps=step + 1, eval_every=0)))  # latest loads
