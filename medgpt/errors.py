@@ -10,9 +10,10 @@
 |      | or after a stop signal the step and its save not within stop_timeout     | resume from latest  |
 | 75   | stopped on request (SIGUSR1/SIGTERM/SIGINT) after saving a checkpoint    | resume (requeue)    |
 
-Under torchrun the caller sees 1 whenever a rank exits non-zero (and after torchrun itself received
-SIGTERM/SIGINT); the deepspeed launcher passes on the first rank's non-zero code. 4 after a stop
-signal: nothing new was saved, and `latest` still names the last complete checkpoint (it is written last).
+These are the ranks' codes. torchrun exits 1 whenever a rank exits non-zero, and when it was sent
+SIGTERM/SIGINT itself; the `deepspeed` command passes on the first non-zero code of a rank, but dies
+of a SIGTERM/SIGINT sent to it at once (143/130 in a shell) while its ranks save and exit on their own.
+4 after a stop signal: nothing new was saved; `latest` still names the last complete checkpoint.
 """
 from __future__ import annotations
 

@@ -39,6 +39,8 @@ def losses(output_dir: Path) -> list[tuple[int, float]]:
     pytest.param("torchrun", signal.SIGTERM, False, 1, id="torchrun-TERM"),
     # Ctrl-C: SIGINT to the whole foreground group, launchers and ranks. torchrun forwards it as well.
     pytest.param("torchrun", signal.SIGINT, True, 1, id="torchrun-ctrl-c"),
+    # The `deepspeed` command dies of KeyboardInterrupt (130 in a shell); launch.py passes SIGTERM on.
+    pytest.param("deepspeed", signal.SIGINT, True, -signal.SIGINT, id="deepspeed-ctrl-c"),
 ])
 def test_stop_signal_saves_exits_and_resumes_bit_exact(launcher, sig, whole_group, caller_sees, tmp_path,
                                                        reference_args, two_rank_reference):
