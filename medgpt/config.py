@@ -79,9 +79,9 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept (0: all)
     resume: str = "auto"  # auto (latest in output_dir, if any) | none | a checkpoint path
     peak_tflops: float = 0.0  # per-device peak for perf/mfu; 0: the GPU datasheet table, else a timed matmul
-    # Seconds from a stop signal (USR1/TERM/INT) to exit: the step in progress and the checkpoint must fit.
-    # Under the launchers' own 30 s (torchrun --shutdown_timeout, deepspeed's launch.py, SLURM's KillWait) they
-    # would SIGKILL the ranks first; past it a rank exits with STALLED_EXIT instead.
+    # Seconds from a stop signal (USR1/TERM/INT) to exit: the step in progress and its checkpoint must fit.
+    # Past it a rank exits with STALLED_EXIT without saving. Keep it under the 30 s after which torchrun
+    # (--shutdown_timeout), deepspeed's launch.py and SLURM (KillWait) SIGKILL the ranks.
     stop_timeout: float = 25.0
     # Seconds a collective may wait for the other ranks before the rank gives up with STALLED_EXIT: longer
     # than the slowest step, evaluation or checkpoint save (ranks wait at a barrier while others write).

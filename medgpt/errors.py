@@ -7,7 +7,7 @@
 | 2    | bad input, reported before anything was written                          | fix what it says    |
 | 3    | training diverged (non-finite loss or gradients, too many skipped steps) | lower lr, check data|
 | 4    | a rank stalled: a collective did not complete within collective_timeout, | check the node;     |
-|      | or after a stop signal the step and its save not within stop_timeout     | resume from latest  |
+|      | or a stop signal's step and checkpoint did not finish in stop_timeout    | resume from latest  |
 | 75   | stopped on request (SIGUSR1/SIGTERM/SIGINT) after saving a checkpoint    | resume (requeue)    |
 
 These are the ranks' codes. torchrun exits 1 whenever a rank exits non-zero, and when it was sent

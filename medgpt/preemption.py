@@ -1,7 +1,7 @@
 """Stop on request: SLURM's warning before a time limit (SIGUSR1), a time limit, scancel or
 preemption (SIGTERM to every process of the job), Kubernetes or ``kill`` (SIGTERM), Ctrl-C (SIGINT),
 or the end of the ``deepspeed`` command. Every rank saves a checkpoint at the next step boundary and
-exits with PREEMPTED_EXIT, within ``stop_timeout`` seconds of the signal or with STALLED_EXIT."""
+exits with PREEMPTED_EXIT; a rank that cannot within ``stop_timeout`` seconds exits with STALLED_EXIT."""
 from __future__ import annotations
 
 import os
@@ -29,8 +29,8 @@ class StopRequest:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # Only a flag and a deadline: the save happens in the loop, collectively. Python runs this
-        # handler in the main thread, so a second signal cannot race the first one.
+        # Only a flag and a deadline: the save happens in the loop, collectively. Python runs handlers
+        # in the main thread only; the launcher watch below comes through here too.
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
             deadline = threading.Timer(self.timeout, self._give_up)
