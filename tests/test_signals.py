@@ -61,7 +61,8 @@ def test_stop_signal_saves_exits_and_resumes_bit_exact(launcher, sig, whole_grou
     print(f"{launcher} {sig.name}: caller sees {proc.returncode} after {launcher_s:.1f} s, "
           f"no process left after {all_s:.1f} s")
     assert proc.returncode == caller_sees, log[-5000:]
-    assert f"stop requested ({sig.name}): saved step" in log
+    # Rank 0 names the signal, or (under deepspeed) another rank noticed the launcher's end first.
+    assert re.search(rf"stop requested \(({sig.name}|on another rank)\): saved step", log), log[-5000:]
     step = int((out / "checkpoints" / "latest").read_text().removeprefix("step"))
     assert 1 <= step < 20
     check_ok(launch(reference_args(out), launcher=launcher, nproc=2))
