@@ -83,6 +83,13 @@ class TrainConfig:
     device: str = "auto"  # auto (this rank's GPU, an error if the machine has GPUs torch cannot use) | cuda | cpu
     tf32: bool = True  # fp32 matmuls on TF32 tensor cores (Ampere and newer GPUs; ~8x faster, 10-bit mantissa)
     max_skipped_steps: int = 20  # fp16: stop (exit 3) after this many consecutive loss-scale overflows
+    # Seconds from a stop signal (USR1/TERM/INT) to exit: the step in progress and its checkpoint must fit.
+    # Past it a rank exits with STALLED_EXIT without saving. Keep it under the 30 s after which torchrun
+    # (--shutdown_timeout), deepspeed's launch.py and SLURM (KillWait) SIGKILL the ranks.
+    stop_timeout: float = 25.0
+    # Seconds a collective may wait for the other ranks before the rank gives up with STALLED_EXIT: longer
+    # than the slowest step, evaluation or checkpoint save (ranks wait at a barrier while others write).
+    collective_timeout: float = 600.0
 
 
 @dataclass
@@ -127,6 +134,9 @@ class Config:
         if bad("peak_tflops", t.peak_tflops < 0):
             problems.append(f"peak_tflops must be a finite number >= 0, the per-device peak TFLOPS for MFU "
                             f"(0 looks the GPU up or measures the device; got {t.peak_tflops})")
+        for name in ("stop_timeout", "collective_timeout"):
+            if not 0 < getattr(t, name) < math.inf:
+                problems.append(f"{name} must be a finite number of seconds > 0 (got {getattr(t, name)})")
         if t.epochs == 0 and t.max_steps == 0:
             problems.append("set epochs or max_steps to more than 0")
         if not 0 <= d.fold <= 9:

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as torch_dist
 
 from medgpt.config import DEVICES
-from medgpt.errors import UserError
+from medgpt.errors import STALLED_EXIT, UserError
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,19 @@ def _single_process_env() -> dict[str, str]:
     return dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
-def init_distributed(device: str = "auto", deepspeed_comm: bool = True) -> Dist:
+def _set_group_timeout(seconds: float) -> timedelta:
+    """Every process group of this process, the ones made later included, waits at most ``seconds``
+    for a collective. A group made without a timeout takes torch's module default, not the world
+    group's (torch/distributed/distributed_c10d.py:836-849, 5982-5983), and DeepSpeed makes one so,
+    its clone of the world group that carries the gradient all-reduce (deepspeed/utils/groups.py:734)."""
+    timeout = timedelta(seconds=seconds)
+    torch_dist.distributed_c10d.default_pg_timeout = timeout
+    torch_dist.distributed_c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
+def init_distributed(device: str = "auto", deepspeed_comm: bool = True,
+                     collective_timeout: float | None = None) -> Dist:
     """Join the process group set up by torchrun / the deepspeed launcher / srun (or run alone).
 
     Both launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Tasks of an
@@ -113,6 +128,7 @@ def init_distributed(device: str = "auto", deepspeed_comm: bool = True) -> Dist:
     plain ``python launcher/train.py`` has none of them: it becomes rank 0 of 1 on a free local port.
     ``deepspeed_comm=False`` joins through torch.distributed alone, for jobs without a DeepSpeed
     engine (evaluation): no DeepSpeed import, no communication op to build.
+    ``collective_timeout`` (seconds) bounds every collective (torch's default: 30 min for gloo, 10 for NCCL).
     """
     if "RANK" not in os.environ:
         os.environ.update(_srun_task_env() if "SLURM_STEP_ID" in os.environ else _single_process_env())
@@ -127,6 +143,7 @@ def init_distributed(device: str = "auto", deepspeed_comm: bool = True) -> Dist:
         # So DeepSpeed is told the index chosen here; Dist.local_rank keeps the rank on the node.
         os.environ["LOCAL_RANK"] = str(chosen.index)
     backend = "nccl" if chosen.type == "cuda" else "gloo"
+    kwargs = {} if collective_timeout is None else {"timeout": _set_group_timeout(collective_timeout)}
     if deepspeed_comm:
         # DeepSpeed JIT-compiles ops into TORCH_EXTENSIONS_DIR; one folder per environment keeps
         # two virtualenvs on one host from rebuilding each other's ops at every start.
@@ -134,9 +151,9 @@ def init_distributed(device: str = "auto", deepspeed_comm: bool = True) -> Dist:
             os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
         import deepspeed  # slow import: only when a job really starts
 
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
     else:
-        torch_dist.init_process_group(backend=backend)
+        torch_dist.init_process_group(backend=backend, **kwargs)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)
 
 
@@ -181,3 +198,31 @@ def choose_device(requested: str, local_rank: int) -> torch.device:
                         "CUDA build of torch that matches the driver (nvidia-smi shows its CUDA version), or "
                         "pass --device cpu to run on the CPU on purpose")
     return torch.device("cpu")
+
+
+def _is_collective_timeout(err: BaseException) -> bool:
+    """gloo: RuntimeError "Timed out waiting 20000ms for recv operation" (gloo/transport/tcp/unbound_buffer.cc);
+    NCCL: DistBackendError (a RuntimeError) "Watchdog caught collective operation timeout"."""
+    return isinstance(err, RuntimeError) and re.search(r"timed out|timeout", str(err), re.IGNORECASE) is not None
+
+
+def exit_on_collective_timeout(dist: Dist, seconds: float, last_step: Callable[[], int]) -> None:
+    """From now on, a collective that times out ends this rank with one line naming the step and
+    STALLED_EXIT; the launcher then ends the other ranks. Any other uncaught error keeps its traceback.
+
+    An uncaught exception reaches sys.excepthook, so the training loop needs no wrapper. os._exit:
+    a normal exit with a gloo group still open aborts the interpreter ("terminate called without an
+    active exception", exit -6), and the group cannot be destroyed while a collective is pending.
+    """
+    def hook(kind: type[BaseException], err: BaseException, tb: TracebackType | None) -> None:
+        if not _is_collective_timeout(err):
+            sys.__excepthook__(kind, err, tb)
+            return
+        detail = str(err).splitlines()[0]
+        print(f"medgpt: error: rank {dist.rank}: a collective did not complete within {seconds:g} s after step "
+              f"{last_step()}: another rank stalled or died (stopped, deadlocked, or its node failed); "
+              f"exiting with {STALLED_EXIT} ({detail})", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(STALLED_EXIT)
+
+    sys.excepthook = hook

@@ -6,8 +6,14 @@
 | 1    | an unexpected crash (a bug or a dead node): traceback in the log         | read the traceback  |
 | 2    | bad input, reported before anything was written                          | fix what it says    |
 | 3    | training diverged (non-finite loss or gradients, too many skipped steps) | lower lr, check data|
-| 4    | a rank stalled: a collective did not complete within the timeout         | check the node      |
+| 4    | a rank stalled: a collective did not complete within collective_timeout, | check the node;     |
+|      | or a stop signal's step and checkpoint did not finish in stop_timeout    | resume from latest  |
 | 75   | stopped on request (SIGUSR1/SIGTERM/SIGINT) after saving a checkpoint    | resume (requeue)    |
+
+These are the ranks' codes. torchrun exits 1 whenever a rank exits non-zero, and when it was sent
+SIGTERM/SIGINT itself; the `deepspeed` command passes on the first non-zero code of a rank, but dies
+of a SIGTERM/SIGINT sent to it at once (143/130 in a shell) while its ranks save and exit on their own.
+4 after a stop signal: nothing new was saved; `latest` still names the last complete checkpoint.
 """
 from __future__ import annotations
 

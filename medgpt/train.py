@@ -26,7 +26,7 @@ from medgpt.checkpoint import (TrainState, check_same_model, checkpoint_root, co
                                universal_dir)
 from medgpt.config import Config, DataConfig
 from medgpt.data import ResumableDistributedSampler, eval_loader, to_device, train_loader, training_data
-from medgpt.distributed import Dist, init_distributed
+from medgpt.distributed import Dist, exit_on_collective_timeout, init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from medgpt.errors import TrainingDiverged, UserError, check_all, launch_rank
 from medgpt.evaluate import evaluate_records, metric_scalars, write_results
@@ -36,7 +36,7 @@ from medgpt.lr_schedule import warmup_cosine
 from medgpt.metrics import MetricsLogger
 from medgpt.model import build_model, check_model_shape, load_model_config, load_tokenizer
 from medgpt.outputs import check_output_dir
-from medgpt.preemption import PREEMPTED_EXIT, StopRequest
+from medgpt.preemption import PREEMPTED_EXIT, StopRequest, watch_deepspeed_launcher
 from medgpt.pubmedqa import Record, load_records, official_split
 from medgpt.safe_load import check_checkpoint_files
 from medgpt.throughput import (ThroughputWindow, console_summary, device_peak, peak_memory_bytes, step_flops,
@@ -216,8 +216,9 @@ def _export_final(final: Path, output_dir: Path, dist: Dist) -> None:
 
 
 def train(cfg: Config) -> None:
-    stop_request = StopRequest()  # first: a signal that arrives during start-up is not lost
     t = cfg.train
+    stop_request = StopRequest(t.stop_timeout)  # first: a signal that arrives during start-up is not lost
+    watch_deepspeed_launcher()
 
     # --- Everything that can be wrong with the input is checked before anything is written to output_dir
     # (the data cache below is written first: the number of packed rows sets the step count).
@@ -230,7 +231,7 @@ def train(cfg: Config) -> None:
     split, _ = check_all(lambda: official_split(records, cfg.data.fold),
                          lambda: resume_from and check_checkpoint_files(resume_from, universal_dir(resume_from)))
     # Only valid input joins the process group (which also leaves DeepSpeed's buffers in /dev/shm).
-    dist = init_distributed(t.device)
+    dist = init_distributed(t.device, collective_timeout=t.collective_timeout)
     if resume_from is None and t.resume == "none" and checkpoint_root(t.output_dir).exists():
         raise UserError(f"output_dir '{t.output_dir}' already holds checkpoints and --resume none would overwrite "
                         "them; use --resume auto to continue, or another --output_dir")
@@ -326,6 +327,7 @@ def train(cfg: Config) -> None:
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not dist.is_main,
                dynamic_ncols=True)
     window = ThroughputWindow()
+    exit_on_collective_timeout(dist, t.collective_timeout, lambda: state.step)
     last_checkpoint = resume_from
     skipped = skipped_in_a_row = 0  # steps whose update DeepSpeed skipped (fp16 loss-scale overflow)
     while state.step < total_steps:
@@ -377,7 +379,8 @@ def train(cfg: Config) -> None:
             if state.step < total_steps and stats.stop:
                 save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
                 if dist.is_main:
-                    bar.write(f"medgpt: stop requested (SIGUSR1): saved step {state.step}, exiting "
+                    bar.write(f"medgpt: stop requested ({stop_request.signal_name or 'on another rank'}): "
+                              f"saved step {state.step}, exiting "
                               f"with {PREEMPTED_EXIT} so the job can be requeued and resume")
                 raise SystemExit(PREEMPTED_EXIT)
             if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:

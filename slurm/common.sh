@@ -64,19 +64,32 @@ on_warning() {
     scancel --signal=USR1 "$SLURM_JOB_ID"  # all steps of the job, not this batch shell
 }
 
-run_step() {  # run_step <command...>: one task per node, USR1 handled as above; exits with its status
-    # `trap '' USR1` before exec: an ignored signal stays ignored across exec, so torchrun and the
-    # deepspeed launcher (which would die of USR1) survive it; medgpt installs its own handler.
+# A time limit, `scancel` or preemption sends TERM to every process of the job, this script included,
+# and SIGKILL KillWait seconds later: medgpt's ranks save and exit (within their --stop_timeout) on TERM
+# themselves. This script only waits for the step to end, so the job's exit status is the step's. It
+# does not requeue: SLURM requeues a preempted job itself, a cancelled job is meant to end, and the time
+# limit is met by the USR1 warning above.
+on_term() {
+    echo "medgpt-slurm: TERM received (time limit, scancel or preemption): the ranks checkpoint and stop"
+}
+
+run_step() {  # run_step <command...>: one task per node, USR1 and TERM handled as above; exits with its status
+    # `trap '' USR1 TERM` before exec: an ignored signal stays ignored across exec, so torchrun and the
+    # deepspeed launcher (which would die of USR1) survive it; medgpt installs its own handler. TERM:
+    # the `deepspeed` runner has no handler of its own (deepspeed/launcher/runner.py:619-634) and would
+    # die at once, ending the step's task while its ranks are still saving. torchrun and deepspeed's
+    # launch.py install their own TERM handlers: they pass TERM on and wait 30 s for the ranks.
     trap on_warning USR1
+    trap on_term TERM
     srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
-        bash -c 'trap "" USR1; exec "$@"' run_step "$@" &
+        bash -c 'trap "" USR1 TERM; exec "$@"' run_step "$@" &
     local step=$! status
     # `wait` returns early whenever the trap runs; keep waiting until the step has really ended.
     while kill -0 "$step" 2>/dev/null; do
         wait "$step" || true
     done
     wait "$step" && status=0 || status=$?
-    trap - USR1
+    trap - USR1 TERM
     if (( warned && status != 0 )); then
         echo "medgpt-slurm: stopped on the warning signal (exit $status): requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -38,22 +42,97 @@ def tiny_args(output_dir: Path, cache_dir: Path, **overrides: object) -> list[st
     return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
 
 
+def launch_command(launcher: str = "python", nproc: int = 1, script: str = TRAIN_PY,
+                   master_port: int | None = None) -> list[str]:
+    """The command line that starts a launcher script (launcher/train.py unless told) as a user
+    would: plain python, torchrun or the deepspeed launcher."""
+    bindir = Path(sys.executable).parent
+    port = str(master_port or free_port())
+    if launcher == "python":
+        return [sys.executable, script]
+    if launcher == "torchrun":
+        return [str(bindir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, script]
+    if launcher == "deepspeed":
+        return [str(bindir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, script]
+    raise ValueError(launcher)
+
+
+def launch_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+
+
 def launch(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = 600,
            env: dict[str, str] | None = None, script: str = TRAIN_PY) -> subprocess.CompletedProcess:
-    """Run a launcher script (launcher/train.py unless told) as a user would: plain python,
-    torchrun or the deepspeed launcher."""
-    bindir = Path(sys.executable).parent
-    if launcher == "python":
-        cmd = [sys.executable, script]
-    elif launcher == "torchrun":
-        cmd = [str(bindir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-               script]
-    elif launcher == "deepspeed":
-        cmd = [str(bindir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), script]
-    else:
-        raise ValueError(launcher)
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd + args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    """Run a launcher script to the end (see launch_command)."""
+    return subprocess.run(launch_command(launcher, nproc, script) + args, cwd=REPO, env=launch_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def running(args: list[str], log: Path, launcher: str = "python", nproc: int = 1) -> Iterator[subprocess.Popen]:
+    """Start a training run in the background (in its own session, so a test can send a signal to the
+    whole group like Ctrl-C does), output into ``log``. On the way out, whatever of it is left is
+    killed, and the DeepSpeed shared-memory files of its rendezvous port are removed."""
+    port = free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(launch_command(launcher, nproc, master_port=port) + args, cwd=REPO,
+                                env=launch_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    output_dir = args[args.index("--output_dir") + 1]
+    try:
+        yield proc
+    finally:
+        for pid in alive(run_pids(output_dir) | {proc.pid}):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # SIGKILL ends stopped processes too
+        proc.wait(timeout=60)
+        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}*"):
+            leftover.unlink()
+
+
+def wait_for_first_step(proc: subprocess.Popen, output_dir: Path, timeout: float = 600) -> None:
+    """Block until rank 0 has logged a training step (then every rank is in the loop)."""
+    deadline = time.monotonic() + timeout
+    while not list((output_dir / "tensorboard").glob("events*")):
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before its first step"
+        assert time.monotonic() < deadline, "no training step logged in time"
+        time.sleep(0.2)
+
+
+def run_pids(output_dir: Path | str) -> set[int]:
+    """Every process of a run, launchers and ranks: all hold its --output_dir on their command line."""
+    needle = f"\0{output_dir}\0".encode()
+    pids = set()
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in b"\0" + (proc_dir / "cmdline").read_bytes():
+                pids.add(int(proc_dir.name))
+        except OSError:
+            pass  # gone meanwhile
+    return pids - {os.getpid()}
+
+
+def rank_pid(output_dir: Path | str, local_rank: int) -> int:
+    """A rank of a run: the launchers' environment has no LOCAL_RANK, the ranks' has."""
+    for pid in run_pids(output_dir):
+        try:
+            if f"LOCAL_RANK={local_rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+        except OSError:
+            pass
+    raise AssertionError(f"no rank with LOCAL_RANK={local_rank} under {output_dir}")
+
+
+def alive(pids: set[int]) -> set[int]:
+    """The pids still running (a zombie has ended; only its exit status waits to be collected)."""
+    running_pids = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            running_pids.add(pid)
+    return running_pids
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:

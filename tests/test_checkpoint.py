@@ -1,18 +1,17 @@
 """Checkpoints: exact resume, resume on another world size, crash safety, export."""
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, STEPS, TRAIN_PY, check_ok, ckpt_args, free_port, launch, losses, stopped_at, tiny_args
+from conftest import (REPO, STEPS, check_ok, ckpt_args, free_port, launch, losses, running, stopped_at,
+                      tiny_args, wait_for_first_step)
 
 
 # Step 2 is the end of warmup (tiny_args: warmup_steps 2); a resume there once drifted by one ulp
@@ -165,13 +164,11 @@ def test_export_cli_refuses_to_overwrite(runs, tmp_path):
 def test_sigusr1_saves_exits_75_and_resume_finishes(tmp_path, data_cache):
     out = tmp_path / "run"
     args = tiny_args(out, data_cache, max_steps=30, eval_every=0, log_every=1)
-    proc = subprocess.Popen([sys.executable, TRAIN_PY, *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 300
-    while not list((out / "tensorboard").glob("events*")) and time.time() < deadline:
-        time.sleep(0.2)  # training has started once rank 0 logged a step
-    proc.send_signal(signal.SIGUSR1)
-    output = proc.communicate(timeout=300)[0]
+    with running(args, tmp_path / "log") as proc:
+        wait_for_first_step(proc, out)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=300)
+    output = (tmp_path / "log").read_text()
     assert proc.returncode == 75, output[-3000:]
     step = int((out / "checkpoints" / "latest").read_text().removeprefix("step"))
     assert 1 <= step < 30 and "stop requested" in output

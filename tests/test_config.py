@@ -77,3 +77,10 @@ def test_disagreeing_values_name_both_sides():
         resolve({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}})
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         resolve({}, precision="fp16")
+
+
+def test_timeouts_are_positive_finite_seconds():
+    with pytest.raises(UserError) as err:
+        parse_config(["--stop_timeout", "0", "--collective_timeout", "inf"])
+    assert "stop_timeout must be a finite number of seconds > 0 (got 0.0)" in str(err.value)
+    assert "collective_timeout must be a finite number of seconds > 0 (got inf)" in str(err.value)
