@@ -324,73 +324,74 @@ def train(cfg: Config) -> None:
     # A resumed run drops any events the earlier run logged after its checkpoint.
     # (A fresh start purges from step 1: events of an earlier run that crashed before its first checkpoint.)
     logger = MetricsLogger(output_dir, purge_step=state.step + 1) if dist.is_main else None
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not dist.is_main,
-               dynamic_ncols=True)
     window = ThroughputWindow()
     exit_on_collective_timeout(dist, t.collective_timeout, lambda: state.step)
     last_checkpoint = resume_from
     skipped = skipped_in_a_row = 0  # steps whose update DeepSpeed skipped (fp16 loss-scale overflow)
-    while state.step < total_steps:
-        sampler.set_epoch(state.epoch, state.consumed)
-        batches = iter(loader)
-        # A step counts once its update is applied, so a skipped one does not eat into the schedule:
-        # DeepSpeed does not advance the LR scheduler either (runtime/engine.py:3540-3550).
-        while state.step < total_steps and state.consumed // global_batch < steps_per_epoch:
-            lr = engine.get_lr()[0]
-            step_start = time.perf_counter()
-            stats = train_step(engine, [next(batches) for _ in range(t.grad_accum)], dist, stop_request.received)
-            state.consumed += global_batch
-            skipped_in_a_row = 0 if stats.applied else skipped_in_a_row + 1
-            skipped += not stats.applied
-            check_step(stats, state.step + 1, t.precision, skipped_in_a_row, t.max_skipped_steps, last_checkpoint, lr)
-            # MFU counts the time of a skipped step but none of its work: it was thrown away.
-            window.add(time.perf_counter() - step_start, stats.samples, stats.tokens, stats.positions,
-                       stats.flops if stats.applied else 0.0)
-            if not stats.applied:
-                continue
-            state.step += 1
-            bar.update(1)
+    # The bar is closed however the loop ends, so an error line never shares the bar's line.
+    with tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not dist.is_main,
+              dynamic_ncols=True) as bar:
+        while state.step < total_steps:
+            sampler.set_epoch(state.epoch, state.consumed)
+            batches = iter(loader)
+            # A step counts once its update is applied, so a skipped one does not eat into the schedule:
+            # DeepSpeed does not advance the LR scheduler either (runtime/engine.py:3540-3550).
+            while state.step < total_steps and state.consumed // global_batch < steps_per_epoch:
+                lr = engine.get_lr()[0]
+                step_start = time.perf_counter()
+                stats = train_step(engine, [next(batches) for _ in range(t.grad_accum)], dist, stop_request.received)
+                state.consumed += global_batch
+                skipped_in_a_row = 0 if stats.applied else skipped_in_a_row + 1
+                skipped += not stats.applied
+                check_step(stats, state.step + 1, t.precision, skipped_in_a_row, t.max_skipped_steps, last_checkpoint,
+                           lr)
+                # MFU counts the time of a skipped step but none of its work: it was thrown away.
+                window.add(time.perf_counter() - step_start, stats.samples, stats.tokens, stats.positions,
+                           stats.flops if stats.applied else 0.0)
+                if not stats.applied:
+                    continue
+                state.step += 1
+                bar.update(1)
 
-            if state.step % t.log_every == 0 or state.step == total_steps:
-                perf = window.scalars(peak_total, stats.peak_memory)
-                window = ThroughputWindow()
-                scalars = {"train/loss": stats.loss, "train/lr": lr, **perf}
-                if stats.grad_norm is not None:
-                    scalars["train/grad_norm"] = stats.grad_norm
-                if t.precision == "fp16":
-                    # loss_scale: a property of every wrapper DeepSpeed puts around an fp16 optimizer
-                    # (runtime/fp16/fused_optimizer.py:542, unfused_optimizer.py:333, zero/stage_1_and_2.py
-                    # :3322, zero/stage3.py:3361); cur_scale exists only on the ZeRO ones.
-                    scalars["train/loss_scale"] = float(engine.optimizer.loss_scale)
-                    scalars["train/skipped_steps"] = skipped
-                if logger:
-                    logger.log(state.step, scalars)
-                    bar.set_postfix_str(f"loss {stats.loss:.4f} | lr {lr:.2e} | {console_summary(perf)}")
+                if state.step % t.log_every == 0 or state.step == total_steps:
+                    perf = window.scalars(peak_total, stats.peak_memory)
+                    window = ThroughputWindow()
+                    scalars = {"train/loss": stats.loss, "train/lr": lr, **perf}
+                    if stats.grad_norm is not None:
+                        scalars["train/grad_norm"] = stats.grad_norm
+                    if t.precision == "fp16":
+                        # loss_scale: a property of every wrapper DeepSpeed puts around an fp16 optimizer
+                        # (runtime/fp16/fused_optimizer.py:542, unfused_optimizer.py:333, zero/stage_1_and_2.py
+                        # :3322, zero/stage3.py:3361); cur_scale exists only on the ZeRO ones.
+                        scalars["train/loss_scale"] = float(engine.optimizer.loss_scale)
+                        scalars["train/skipped_steps"] = skipped
+                    if logger:
+                        logger.log(state.step, scalars)
+                        bar.set_postfix_str(f"loss {stats.loss:.4f} | lr {lr:.2e} | {console_summary(perf)}")
 
-            if (t.eval_every and state.step % t.eval_every == 0) or state.step == total_steps:
-                eval_loss = evaluate_loss(engine, dev_loader, dist)
-                # Answer accuracy / macro-F1 on the dev fold: log-likelihood scoring, all ranks.
-                dev = evaluate_records(engine, tokenizer, dev_records, dist, cfg.data.seq_len, t.eval_batch_size)
-                if logger:
-                    logger.log(state.step, {"eval/loss": eval_loss, **metric_scalars(dev, "eval")})
-                    bar.write(f"step {state.step}: eval loss {eval_loss:.4f}, accuracy {dev.metrics['accuracy']:.3f}, "
-                              f"macro-F1 {dev.metrics['macro_f1']:.3f}")
+                if (t.eval_every and state.step % t.eval_every == 0) or state.step == total_steps:
+                    eval_loss = evaluate_loss(engine, dev_loader, dist)
+                    # Answer accuracy / macro-F1 on the dev fold: log-likelihood scoring, all ranks.
+                    dev = evaluate_records(engine, tokenizer, dev_records, dist, cfg.data.seq_len, t.eval_batch_size)
+                    if logger:
+                        logger.log(state.step, {"eval/loss": eval_loss, **metric_scalars(dev, "eval")})
+                        bar.write(f"step {state.step}: eval loss {eval_loss:.4f}, accuracy "
+                                  f"{dev.metrics['accuracy']:.3f}, macro-F1 {dev.metrics['macro_f1']:.3f}")
 
-            if state.step < total_steps and stats.stop:
-                save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
-                if dist.is_main:
-                    bar.write(f"medgpt: stop requested ({stop_request.signal_name or 'on another rank'}): "
-                              f"saved step {state.step}, exiting "
-                              f"with {PREEMPTED_EXIT} so the job can be requeued and resume")
-                raise SystemExit(PREEMPTED_EXIT)
-            if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
-                last_checkpoint = save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist,
-                                                  t.keep_last)
-        if state.consumed // global_batch >= steps_per_epoch:
-            state.epoch += 1
-            state.consumed = 0
+                if state.step < total_steps and stats.stop:
+                    save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
+                    if dist.is_main:
+                        bar.write(f"medgpt: stop requested ({stop_request.signal_name or 'on another rank'}): "
+                                  f"saved step {state.step}, exiting "
+                                  f"with {PREEMPTED_EXIT} so the job can be requeued and resume")
+                    raise SystemExit(PREEMPTED_EXIT)
+                if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
+                    last_checkpoint = save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist,
+                                                      t.keep_last)
+            if state.consumed // global_batch >= steps_per_epoch:
+                state.epoch += 1
+                state.consumed = 0
 
-    bar.close()
     # A finished run completing its test scoring resumed at its last step: its checkpoint is the final one.
     final = (save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
              if state.step > start_step else resume_from)

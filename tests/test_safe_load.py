@@ -42,6 +42,9 @@ def crafted_run(tmp: Path, stage: int) -> tuple[Path, Path]:
     (tag_dir / "medgpt.json").write_text(json.dumps(meta))
     marker = tmp / "code-ran"
     torch.save({"module": WritesMarker(marker)}, tag_dir / CRAFTED_FILE[stage])
+    # Whoever can write the checkpoint can write its manifest too: the sizes match, the files are "complete".
+    files = {p.name: p.stat().st_size for p in tag_dir.iterdir()}
+    (tag_dir / "manifest.json").write_text(json.dumps({"files": files}))
     return tmp / "run", marker
 
 

@@ -163,3 +163,13 @@ def test_srun_task_unresolvable_nodelist(slurm_env, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "cannot resolve 'no-such-node1', the first host of the SLURM node list" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_deepspeed_script_refuses_gpus_it_would_not_use(slurm_env):
+    """On a shared node SLURM assigns GPUs 2,3; the deepspeed launcher would use 0,1: refused at start."""
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    job = {**FAKE_JOB, "SLURM_JOB_NODELIST": host, "SLURM_SUBMIT_DIR": str(REPO), "CUDA_VISIBLE_DEVICES": "2,3"}
+    proc = subprocess.run(["bash", "slurm/train_deepspeed.sbatch"], cwd=REPO, capture_output=True, text=True,
+                          env={**slurm_env, **job})
+    assert proc.returncode == 2, proc.stderr
+    assert "SLURM gave this job GPUs 2,3 of a shared node" in proc.stderr and "slurm/train.sbatch" in proc.stderr
