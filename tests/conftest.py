@@ -136,7 +136,8 @@ def alive(pids: set[int]) -> set[int]:
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    output = f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{output}"
 
 
 def read_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:

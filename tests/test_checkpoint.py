@@ -10,8 +10,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import (REPO, STEPS, check_ok, ckpt_args, free_port, launch, losses, running, stopped_at,
-                      tiny_args, wait_for_first_step)
+from conftest import (
+    REPO,
+    STEPS,
+    check_ok,
+    ckpt_args,
+    free_port,
+    launch,
+    losses,
+    running,
+    stopped_at,
+    tiny_args,
+    wait_for_first_step,
+)
 
 
 # Step 2 is the end of warmup (tiny_args: warmup_steps 2); a resume there once drifted by one ulp
@@ -51,7 +62,7 @@ def test_resume_on_another_world_size(runs, tmp_path, data_cache, saved_ranks, r
     assert meta["global_batch"] == 8 and meta["world_size"] == resumed_ranks
     assert meta["config"]["train"]["grad_accum"] == 8 // (2 * resumed_ranks)
     assert meta["train_state"]["consumed"] == 64
-    for (step, value), (_, expected) in zip(losses(resumed)[4:], losses(reference)[4:]):
+    for (step, value), (_, expected) in zip(losses(resumed)[4:], losses(reference)[4:], strict=True):
         assert math.isclose(value, expected, rel_tol=1e-4), (step, value, expected)
 
 

@@ -157,7 +157,8 @@ def test_kill_during_export_then_resume_exports(runs, tmp_path, data_cache):
     proc = launch(ckpt_args(run, data_cache, 0))
     check_ok(proc)
     assert "already finished all 8 steps; completing its export" in proc.stdout
-    exported, original = load_file(run / "export" / "model.safetensors"), load_file(runs(0) / "export" / "model.safetensors")
+    exported = load_file(run / "export" / "model.safetensors")
+    original = load_file(runs(0) / "export" / "model.safetensors")
     assert exported.keys() == original.keys() and all((exported[k] == original[k]).all() for k in original)
     assert (run / "test_metrics.json").stat().st_mtime_ns == test_metrics  # not scored again
     assert "nothing to do" in launch(ckpt_args(run, data_cache, 0)).stdout

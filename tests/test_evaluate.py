@@ -177,7 +177,7 @@ def test_generate_launcher_prints_text_and_probabilities(trained):
 
 def predictions_file(tmp, drop=0, add=()):
     gold = read_json(GROUND_TRUTH)
-    predictions = {pmid: "yes" for pmid in list(gold)[drop:]} | {pmid: "no" for pmid in add}
+    predictions = dict.fromkeys(list(gold)[drop:], "yes") | dict.fromkeys(add, "no")
     path = tmp / "predictions.json"
     path.write_text(json.dumps(predictions))
     return path

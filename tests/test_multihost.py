@@ -32,7 +32,7 @@ def two_hosts() -> Iterator[list[tuple[str, str]]]:
             ip("-n", name, "link", "set", "lo", "up")
         (ns0, if0), (ns1, if1) = hosts
         ip("link", "add", if0, "netns", ns0, "type", "veth", "peer", "name", if1, "netns", ns1)
-        for (name, ifname), address in zip(hosts, ADDRESSES):
+        for (name, ifname), address in zip(hosts, ADDRESSES, strict=True):
             ip("-n", name, "addr", "add", f"{address}/24", "dev", ifname)
             ip("-n", name, "link", "set", ifname, "up")
         yield hosts
@@ -66,5 +66,5 @@ def test_two_namespaces_match_one_node(two_hosts, two_rank_reference, reference_
             proc.kill()
     got, want = read_scalars(out)["train/loss"], read_scalars(two_rank_reference)["train/loss"]
     assert [s for s, _ in got] == [s for s, _ in want]
-    for (step, value), (_, expected) in zip(got, want):
+    for (step, value), (_, expected) in zip(got, want, strict=True):
         assert math.isclose(value, expected, rel_tol=1e-5), (step, value, expected)

@@ -11,8 +11,14 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from conftest import ORI_JSON, REPO, TINY_MODEL, TOKENIZER, check_ok, launch, read_scalars, tiny_args
 from medgpt.config import DataConfig
-from medgpt.data import (ResumableDistributedSampler, collate, collate_packs, packed_dataset, padding_fraction,
-                         tokenized_dataset)
+from medgpt.data import (
+    ResumableDistributedSampler,
+    collate,
+    collate_packs,
+    packed_dataset,
+    padding_fraction,
+    tokenized_dataset,
+)
 from medgpt.distributed import Dist
 from medgpt.errors import USER_ERROR_EXIT
 from medgpt.loss import label_loss_sum
@@ -88,7 +94,7 @@ def test_packed_loss_and_gradients_equal_each_sample_alone(real_data):
     checked = 0
     for row, pack in enumerate(two):
         start = 0
-        for sample, length in zip(pack["rows"], pack["sample_lengths"]):
+        for sample, length in zip(pack["rows"], pack["sample_lengths"], strict=True):
             with torch.no_grad():
                 packed = label_loss_sum(model, only_sample(batch, row, start, length))
                 alone = label_loss_sum(model, collate([tokens[sample]], pad_id=50256))
@@ -101,7 +107,7 @@ def test_packed_loss_and_gradients_equal_each_sample_alone(real_data):
     model.zero_grad()
     for sample in [r for pack in two for r in pack["rows"]]:
         label_loss_sum(model, collate([tokens[sample]], pad_id=50256)).backward()
-    for packed_grad, p in zip(packed_grads, model.parameters()):
+    for packed_grad, p in zip(packed_grads, model.parameters(), strict=True):
         torch.testing.assert_close(packed_grad, p.grad)
 
 
@@ -119,7 +125,8 @@ def test_attention_stays_within_each_sample(real_data):
             return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0, first:]
 
     # Other tokens in sample A leave every later sample's logits as they were...
-    torch.testing.assert_close(logits(changed, batch["position_ids"]), logits(batch["input_ids"], batch["position_ids"]))
+    torch.testing.assert_close(logits(changed, batch["position_ids"]),
+                               logits(batch["input_ids"], batch["position_ids"]))
     # ...whereas one causal sequence (positions not restarting) lets them through.
     plain = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
     assert not torch.allclose(logits(changed, plain), logits(batch["input_ids"], plain), atol=1e-3)

@@ -10,8 +10,17 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 
 from conftest import REPO, TINY_MODEL, check_ok, launch
 from medgpt.loss import label_loss_sum
-from medgpt.memory_plan import (GPT2_SIZES, ModelShape, Strategy, Workload, activation_bytes,
-                                layer_activation_bytes, load_shape, model_states, plan)
+from medgpt.memory_plan import (
+    GPT2_SIZES,
+    ModelShape,
+    Strategy,
+    Workload,
+    activation_bytes,
+    layer_activation_bytes,
+    load_shape,
+    model_states,
+    plan,
+)
 
 PLAN_PY = str(REPO / "launcher" / "plan.py")
 

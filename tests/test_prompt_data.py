@@ -90,7 +90,8 @@ def test_eval_shards_are_equal_length_and_fillers_carry_no_loss():
     for rank in range(2):
         batches = list(eval_loader(rows, Dist(rank, 2, rank, torch.device("cpu")), batch_size=2, pad_id=0))
         assert sum(len(b["input_ids"]) for b in batches) == 3
-        seen += [int(ids[0]) for b in batches for ids, lab in zip(b["input_ids"], b["labels"]) if lab[0] != -100]
+        seen += [int(ids[0]) for b in batches for ids, lab in zip(b["input_ids"], b["labels"], strict=True)
+                 if lab[0] != -100]
     assert sorted(seen) == [0, 1, 2, 3, 4]
 
 

@@ -39,7 +39,7 @@ def test_step_flops_match_torch_flop_counter():
     config, model = model_from(TINY_MODEL)
     lengths, answers = [37, 100, 64], [1, 3, 2]
     counted, answer_tokens = 0, 0
-    for n, a in zip(lengths, answers):
+    for n, a in zip(lengths, answers, strict=True):
         input_ids = torch.randint(0, config.vocab_size, (1, n))
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[0, n - a:] = input_ids[0, n - a:]

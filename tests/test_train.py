@@ -48,7 +48,8 @@ def test_activation_checkpointing_keeps_the_losses(reference, tmp_path, data_cac
     """Recomputing activations under ZeRO-3 on 2 ranks trains exactly like storing them."""
     out = tmp_path / "run"
     check_ok(launch(tiny_args(out, data_cache, grad_accum=2, max_steps=STEPS, activation_checkpointing="on",
-                              eval_every=0, ds_config=REPO / "ds_configs" / "zero3.json"), launcher="torchrun", nproc=2))
+                              eval_every=0, ds_config=REPO / "ds_configs" / "zero3.json"),
+                    launcher="torchrun", nproc=2))
     got, ref = losses(read_scalars(out)), losses(read_scalars(reference))
     assert sorted(got) == list(range(1, STEPS + 1))
     for step, value in ref.items():
