@@ -4,25 +4,28 @@ import math
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import (
+    PROGRAMS,
     REPO,
     STEPS,
     check_ok,
     ckpt_args,
-    free_port,
     launch,
+    launch_command,
     losses,
+    refused,
     running,
     stopped_at,
     tiny_args,
     wait_for_first_step,
 )
+
+pytestmark = pytest.mark.e2e
 
 
 # Step 2 is the end of warmup (tiny_args: warmup_steps 2); a resume there once drifted by one ulp
@@ -83,26 +86,11 @@ def test_finished_run_is_not_restarted(runs, data_cache):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
-KILL_DURING_SAVE = """
-import os, signal, torch
-_save = torch.save
-def save(obj, f, *args, **kwargs):
-    # Die (SIGKILL, no cleanup) halfway through writing the step-4 checkpoint.
-    if "step4" in str(f) and "optim_states" in str(f):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _save(obj, f, *args, **kwargs)
-torch.save = save
-"""
-
-
 def test_sigkill_during_save_keeps_latest_complete(tmp_path, data_cache):
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(KILL_DURING_SAVE)
     out = tmp_path / "run"
     args = tiny_args(out, data_cache, max_steps=6, save_every=2, keep_last=0, eval_every=0,
                      ds_config=REPO / "ds_configs" / "zero2.json")
-    proc = launch(args, env={"PYTHONPATH": str(hook)})
+    proc = launch(args, env={"PYTHONPATH": str(PROGRAMS / "kill_during_save")})
     assert proc.returncode == -9
     assert (out / "checkpoints" / "step4").is_dir()  # the save had begun...
     assert (out / "checkpoints" / "latest").read_text() == "step2"  # ...but latest still names step 2
@@ -117,7 +105,7 @@ def test_checkpoint_of_another_model_is_refused(runs, tmp_path, data_cache):
     wider.write_text(json.dumps({**config, "n_embd": 128}))
     proc = launch(ckpt_args(tmp_path / "new", data_cache, 0, model=wider,
                             resume=runs(0) / "checkpoints" / "step4"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    refused(proc)
     assert "another model shape (n_embd: checkpoint 64 vs model 128)" in proc.stderr
     assert not (tmp_path / "new").exists()
 
@@ -132,10 +120,8 @@ def engine_logits(runs, tmp_path_factory):
     """Each stage's final checkpoint loaded into a 2-rank DeepSpeed engine: its logits (one launch)."""
     out = tmp_path_factory.mktemp("engine_logits")
     args = [str(a) for stage in range(4) for a in (runs(stage) / "checkpoints" / "step8", out / f"zero{stage}.pt")]
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    check_ok(subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
-                             str(REPO / "tests" / "engine_logits.py"), *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=600))
+    torchrun = launch_command("torchrun", nproc=2, script=str(PROGRAMS / "engine_logits.py"))
+    check_ok(subprocess.run([*torchrun, *args], cwd=REPO, capture_output=True, text=True, timeout=600))
     return {stage: torch.load(out / f"zero{stage}.pt") for stage in range(4)}
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import ORI_JSON, TOKENIZER
+from conftest import ORI_JSON, TOKENIZER, solo
 from medgpt.config import DataConfig
 from medgpt.data import ResumableDistributedSampler, collate, eval_loader, tokenized_dataset, train_loader
 from medgpt.distributed import Dist
@@ -14,10 +14,6 @@ from medgpt.pubmedqa import load_records
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(str(TOKENIZER))
-
-
-def solo() -> Dist:
-    return Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def test_only_answer_tokens_carry_loss(tokenizer):

@@ -6,11 +6,12 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import alive, check_ok, launch, rank_pid, read_scalars, run_pids, running, tiny_args, wait_for_first_step
+from conftest import alive, check_ok, launch, losses, rank_pid, run_pids, running, tiny_args, wait_for_first_step
+
+pytestmark = pytest.mark.e2e
 
 # Generous bounds on a shared 2-core machine. A stop: the step, the save and the launcher's exit
 # (stop_timeout defaults to 25 s). A stall: collective_timeout, then the launcher's 30 s before it
@@ -25,10 +26,6 @@ def seconds_until_gone(pids: set[int], start: float, bound: float) -> float:
         assert time.monotonic() - start < bound, f"processes left {bound} s after the signal: {alive(pids)}"
         time.sleep(0.2)
     return time.monotonic() - start
-
-
-def losses(output_dir: Path) -> list[tuple[int, float]]:
-    return read_scalars(output_dir)["train/loss"]
 
 
 @pytest.mark.parametrize("launcher, sig, whole_group, caller_sees", [
