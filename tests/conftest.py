@@ -265,3 +265,8 @@ def stopped_at(run: Path, dest: Path, step: int = 4, older: tuple[int, ...] = ()
 
 def losses(out: Path) -> list[tuple[int, float]]:
     return read_scalars(out)["train/loss"]
+
+
+def latest_step(out: Path) -> int:
+    """The step of the checkpoint a run's `latest` names."""
+    return int((out / "checkpoints" / "latest").read_text().removeprefix("step"))

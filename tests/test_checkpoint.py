@@ -15,6 +15,7 @@ from conftest import (
     STEPS,
     check_ok,
     ckpt_args,
+    latest_step,
     launch,
     launch_command,
     losses,
@@ -167,7 +168,7 @@ def test_sigusr1_saves_exits_75_and_resume_finishes(tmp_path, data_cache):
         proc.wait(timeout=300)
     output = (tmp_path / "log").read_text()
     assert proc.returncode == 75, output[-3000:]
-    step = int((out / "checkpoints" / "latest").read_text().removeprefix("step"))
+    step = latest_step(out)
     assert 1 <= step < 30 and "stop requested" in output
     check_ok(launch(args))
     assert [s for s, _ in losses(out)] == list(range(1, 31))

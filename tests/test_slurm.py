@@ -67,6 +67,11 @@ def release_now(env: dict[str, str], job_id: int) -> bool:
     return False
 
 
+def short_hostname() -> str:
+    """This machine's name as SLURM's node list and a deepspeed hostfile write it."""
+    return subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def log_of(log_dir: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("*.out")))  # ranks interleave bytes
 
@@ -112,7 +117,7 @@ def test_sbatch_deepspeed_launcher_completes(slurm_env, reference_args, two_rank
     job = submit(slurm_env, tmp_path, "slurm/train_deepspeed.sbatch", *reference_args(out))
     info = finished(slurm_env, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log_of(tmp_path)[-5000:]
-    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    host = short_hostname()
     assert (tmp_path / f"medgpt-ds-{job}.hostfile").read_text() == f"{host} slots=2\n"  # next to the log
     assert (out / "export" / "model.safetensors").is_file()
     assert losses(out) == losses(two_rank_reference)
@@ -168,7 +173,7 @@ def test_srun_task_unresolvable_nodelist(slurm_env, tmp_path):
 @pytest.mark.slurm
 def test_deepspeed_script_refuses_gpus_it_would_not_use(slurm_env):
     """On a shared node SLURM assigns GPUs 2,3; the deepspeed launcher would use 0,1: refused at start."""
-    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    host = short_hostname()
     job = {**FAKE_JOB, "SLURM_JOB_NODELIST": host, "SLURM_SUBMIT_DIR": str(REPO), "CUDA_VISIBLE_DEVICES": "2,3"}
     proc = subprocess.run(["bash", "slurm/train_deepspeed.sbatch"], cwd=REPO, capture_output=True, text=True,
                           env={**slurm_env, **job})
