@@ -180,7 +180,7 @@ def run_medgpt(work: Work, mode: dict[str, object], steps: int, run_dir: Path, n
     tokens = [round(tokens_per_s[s].value * step_s[s].value) for s in order]
     padding = by_step["perf/padding_fraction"]
     return Run(launched=launched, end_times=[by_step["train/loss"][s].wall_time for s in order], tokens=tokens,
-               positions=[round(t / (1 - padding[s].value)) for t, s in zip(tokens, order)],
+               positions=[round(t / (1 - padding[s].value)) for t, s in zip(tokens, order, strict=True)],
                flops=[by_step["perf/tflops"][s].value * 1e12 * step_s[s].value for s in order],
                peak_mem_gib=max(by_step[f"perf/peak_mem_gib/rank{r}"][steps].value for r in range(nproc)))
 
@@ -239,7 +239,8 @@ def machine() -> str:
 
 def fmt_row(name: str, m: dict[str, float], baseline: dict[str, float], gpu: bool) -> str:
     cells = [name, f"{m['tokens_per_s']:,.0f}", f"{m['tokens_per_s'] / baseline['tokens_per_s']:.2f}x",
-             f"{m['padding']:.1%}", f"{m['tokens_per_step']:,.0f}", f"{m['step_s']:.3f}", f"{m['peak_mem_gib']:.2f}", f"{m['first_step_s']:.1f}"]
+             f"{m['padding']:.1%}", f"{m['tokens_per_step']:,.0f}", f"{m['step_s']:.3f}", f"{m['peak_mem_gib']:.2f}",
+             f"{m['first_step_s']:.1f}"]
     if gpu:
         cells.append(f"{m['mfu']:.1%}")
     return "| " + " | ".join(cells) + " |"
@@ -331,7 +332,7 @@ def resolved(args: argparse.Namespace, gpu: bool, nproc: int) -> str:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    gpu = args.device == "gpu" or args.device == "auto" and torch.cuda.is_available()
+    gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
     nproc = args.nproc or (torch.cuda.device_count() if gpu else 2)
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            # The repo's own medgpt, whatever else is installed.
@@ -356,7 +357,7 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="medgpt-bench-") as tmp:
         cache_dir = Path(tmp) / "cache"
         per_pack = samples_per_pack(args.tokenizer, args.data, args.seq_len, cache_dir)
-        for size, steps, reps in zip(args.sizes, args.steps, args.reps):
+        for size, steps, reps in zip(args.sizes, args.steps, args.reps, strict=True):
             work = Work(size=size, tokenizer=args.tokenizer.resolve(), data=args.data.resolve(),
                         ds_config=args.ds_config.resolve(), cache_dir=cache_dir,
                         precision="bf16" if gpu else "fp32", seq_len=args.seq_len,

@@ -27,12 +27,19 @@ from typing import Any
 import torch
 import transformers
 from accelerate import PartialState
-from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, Trainer,
-                          TrainerCallback, TrainingArguments)
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from medgpt.config import DataConfig
-from medgpt.distributed import Dist
 from medgpt.data import tokenized_dataset
+from medgpt.distributed import Dist
 from medgpt.pubmedqa import load_records, official_split
 from medgpt.throughput import peak_memory_bytes, step_flops
 

@@ -4,7 +4,8 @@ precision/recall/F1, the confusion matrix and the majority-class baseline."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from medgpt.errors import UserError
 from medgpt.pubmedqa import DECISIONS
@@ -19,7 +20,7 @@ def per_class_scores(gold: Sequence[str], predicted: Sequence[str | None]) -> di
     could not be parsed) matches no class: it only costs its gold class recall."""
     scores = {}
     for label in DECISIONS:
-        hits = sum(g == p == label for g, p in zip(gold, predicted))
+        hits = sum(g == p == label for g, p in zip(gold, predicted, strict=True))
         n_predicted, n_gold = sum(p == label for p in predicted), sum(g == label for g in gold)
         # F1 = 2TP / (2TP + FP + FN): 0 when the class is neither predicted nor present.
         scores[label] = {"precision": _ratio(hits, n_predicted), "recall": _ratio(hits, n_gold),
@@ -33,13 +34,13 @@ def macro_f1(gold: Sequence[str], predicted: Sequence[str | None]) -> float:
 
 
 def accuracy(gold: Sequence[str], predicted: Sequence[str | None]) -> float:
-    return _ratio(sum(g == p for g, p in zip(gold, predicted)), len(gold))
+    return _ratio(sum(g == p for g, p in zip(gold, predicted, strict=True)), len(gold))
 
 
 def confusion_matrix(gold: Sequence[str], predicted: Sequence[str | None]) -> list[list[int]]:
     """Rows: gold decision, columns: predicted decision, both in DECISIONS order (unparsed
     answers appear in no column)."""
-    counts = Counter(zip(gold, predicted))
+    counts = Counter(zip(gold, predicted, strict=True))
     return [[counts[(g, p)] for p in DECISIONS] for g in DECISIONS]
 
 

@@ -33,8 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from medgpt.adam_replay import replay_cpu_adam_steps
@@ -274,7 +277,8 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
 def check_same_model(meta: dict[str, Any], config: PretrainedConfig, tag_dir: Path) -> None:
     """Refuse a checkpoint of another model shape or vocabulary, before any rank loads it."""
     saved, current = meta["model_shape"], model_shape(config)
-    diffs = [f"{k}: checkpoint {saved.get(k)} vs model {current[k]}" for k in SHAPE_FIELDS if saved.get(k) != current[k]]
+    diffs = [f"{k}: checkpoint {saved.get(k)} vs model {current[k]}"
+             for k in SHAPE_FIELDS if saved.get(k) != current[k]]
     if diffs:
         raise UserError(f"checkpoint '{tag_dir}' is of another model shape ({'; '.join(diffs)}); "
                         "resume it with the --model it was trained with, or start fresh with --resume none")

@@ -8,9 +8,10 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import datasets
 import torch
@@ -49,7 +50,7 @@ def _tokenize(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: Da
     answers = tokenizer([answer_text(r.final_decision, r.long_answer if cfg.long_answer else "")
                          for r in records])["input_ids"]
     rows: dict[str, list[Any]] = {"pubid": [], "input_ids": [], "labels": []}
-    for r, c, q, a in zip(records, contexts, questions, answers):
+    for r, c, q, a in zip(records, contexts, questions, answers, strict=True):
         enc = encode_pieces(c, q, a, tokenizer.eos_token_id, cfg.seq_len)
         rows["pubid"].append(r.pubid)
         rows["input_ids"].append(enc.input_ids)
@@ -200,7 +201,7 @@ def _right_padded(rows: list[dict[str, Any]], pad_id: int) -> tuple[torch.Tensor
     lengths = [len(r["input_ids"]) for r in rows]
     input_ids = torch.full((len(rows), max(lengths)), pad_id, dtype=torch.long)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
-    for i, (r, n) in enumerate(zip(rows, lengths)):
+    for i, (r, n) in enumerate(zip(rows, lengths, strict=True)):
         input_ids[i, :n] = torch.tensor(r["input_ids"])
         labels[i, :n] = torch.tensor(r["labels"])
     return input_ids, labels, lengths
@@ -223,7 +224,7 @@ def collate_packs(packs: list[dict[str, Any]], pad_id: int) -> dict[str, torch.T
     input_ids, labels, lengths = _right_padded(packs, pad_id)
     width = input_ids.shape[1]
     position_ids = torch.empty_like(input_ids)
-    for i, (p, n) in enumerate(zip(packs, lengths)):
+    for i, (p, n) in enumerate(zip(packs, lengths, strict=True)):
         segments = p["sample_lengths"] + ([width - n] if width > n else [])
         position_ids[i] = torch.cat([torch.arange(length) for length in segments])
     sample_lengths = torch.tensor([n for p in packs for n in p["sample_lengths"]], dtype=torch.long)

@@ -7,10 +7,11 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -43,7 +44,7 @@ class Evaluation:
 
     def predictions(self, records: list[Record]) -> dict[str, str | None]:
         """The official predictions format: {pmid: decision}."""
-        return {r.pubid: d for r, d in zip(records, self.answers.decisions)}
+        return {r.pubid: d for r, d in zip(records, self.answers.decisions, strict=True)}
 
 
 def decision_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -1,8 +1,9 @@
 """A checkpoint of any ZeRO stage -> a Hugging Face model folder that loads on one device.
 
 The fp32 weights come from DeepSpeed's own consolidation (``zero_to_fp32``) for ZeRO 1-3, or
-for ZeRO-0 from the module state (fp32 runs) or the optimizer's fp32 master copy (bf16/fp16). The model is built on the meta device and the
-weights are assigned, not copied, so peak host memory stays about one fp32 copy.
+for ZeRO-0 from the module state (fp32 runs) or the optimizer's fp32 master copy (bf16/fp16). The
+model is built on the meta device and the weights are assigned, not copied, so peak host memory
+stays about one fp32 copy.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def _zero0_fp32_masters(optimizer_state: dict[str, Any], config: GPT2Config) -> 
     if len(masters) != len(shapes):
         raise UserError(f"the checkpoint's optimizer holds {len(masters)} fp32 tensors for the model's "
                         f"{len(shapes)} parameters; it was not written by this model")
-    return {name: t.reshape(shape).float() for (name, shape), t in zip(shapes, masters)}
+    return {name: t.reshape(shape).float() for (name, shape), t in zip(shapes, masters, strict=True)}
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "fp32") -> Path:

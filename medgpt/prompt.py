@@ -2,8 +2,8 @@
 :func:`encode_example`, so the model is always asked the way it was taught."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -34,7 +34,7 @@ class Encoded:
 def encode_pieces(context_ids: list[int], question_ids: list[int], answer_ids: list[int] | None,
                   eos_id: int, max_len: int) -> Encoded:
     """Join already-tokenized pieces; cut the contexts (never the question or answer) to fit."""
-    completion = [] if answer_ids is None else answer_ids + [eos_id]
+    completion = [] if answer_ids is None else [*answer_ids, eos_id]
     room = max_len - len(question_ids) - len(completion)
     if room < 0:
         raise UserError(f"question and answer alone take {len(question_ids) + len(completion)} tokens, "

@@ -77,7 +77,7 @@ def _from_hf_rows(rows: datasets.Dataset, source: str) -> list[Record]:
 def load_records(source: str) -> list[Record]:
     """Load pqa_labeled from the Hub id, a parquet file or folder, or ori_pqal.json."""
     path = Path(source)
-    if path.is_dir() or path.suffix == ".parquet" and path.is_file():
+    if path.is_dir() or (path.suffix == ".parquet" and path.is_file()):
         files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
         if not files:
             raise UserError(f"data folder '{source}' holds no .parquet file")

@@ -21,9 +21,20 @@ from tqdm import tqdm
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
 
-from medgpt.checkpoint import (TrainState, check_same_model, checkpoint_root, convert_to_universal, find_checkpoint,
-                               load_checkpoint, mark_finished, model_shape, read_finished, read_meta, save_checkpoint,
-                               universal_dir)
+from medgpt.checkpoint import (
+    TrainState,
+    check_same_model,
+    checkpoint_root,
+    convert_to_universal,
+    find_checkpoint,
+    load_checkpoint,
+    mark_finished,
+    model_shape,
+    read_finished,
+    read_meta,
+    save_checkpoint,
+    universal_dir,
+)
 from medgpt.config import Config, DataConfig
 from medgpt.data import ResumableDistributedSampler, eval_loader, to_device, train_loader, training_data
 from medgpt.distributed import Dist, exit_on_collective_timeout, init_distributed
@@ -39,9 +50,7 @@ from medgpt.outputs import check_output_dir
 from medgpt.preemption import PREEMPTED_EXIT, StopRequest, watch_deepspeed_launcher
 from medgpt.pubmedqa import Record, load_records, official_split
 from medgpt.safe_load import check_checkpoint_files
-from medgpt.throughput import (ThroughputWindow, console_summary, device_peak, peak_memory_bytes, step_flops,
-                               use_tf32)
-
+from medgpt.throughput import ThroughputWindow, console_summary, device_peak, peak_memory_bytes, step_flops, use_tf32
 
 # What a run does after its last step, in order, and the files each part leaves in output_dir.
 END_PARTS = {"test": ("test_metrics.json", "test_predictions.json"), "export": ("export",)}
@@ -68,7 +77,7 @@ def _host_counts(model_config: PretrainedConfig, micro_batches: list[dict[str, t
     answers = [count_label_tokens(b["labels"]) for b in micro_batches]
     return [sum(answers), sum(int(b["sample_lengths"].sum()) for b in micro_batches),
             sum(b["input_ids"].numel() for b in micro_batches), sum(len(b["sample_lengths"]) for b in micro_batches),
-            sum(step_flops(model_config, b["sample_lengths"], n) for b, n in zip(micro_batches, answers))]
+            sum(step_flops(model_config, b["sample_lengths"], n) for b, n in zip(micro_batches, answers, strict=True))]
 
 
 def train_step(engine: deepspeed.DeepSpeedEngine, micro_batches: list[dict[str, torch.Tensor]], dist: Dist,

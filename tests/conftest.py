@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,8 +13,10 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
+import torch
 
-from medgpt.distributed import free_port
+from medgpt.distributed import Dist, free_port
+from medgpt.errors import USER_ERROR_EXIT
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -23,6 +26,16 @@ GROUND_TRUTH = SHARED / "pubmedqa" / "test_ground_truth.json"
 TOKENIZER = SHARED / "gpt2-tokenizer"
 TINY_MODEL = REPO / "configs" / "models" / "tiny.json"
 TRAIN_PY = str(REPO / "launcher" / "train.py")
+PROGRAMS = REPO / "tests" / "programs"  # helper programs the tests run in processes of their own
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection (_pytest/mark/__init__.py)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A SLURM or network-namespace test starts real jobs: it is an e2e test too, so that
+    `-m "not e2e"` leaves it out."""
+    for item in items:
+        if item.get_closest_marker("slurm") or item.get_closest_marker("netns"):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
@@ -85,8 +98,14 @@ def running(args: list[str], log: Path, launcher: str = "python", nproc: int = 1
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # SIGKILL ends stopped processes too
         proc.wait(timeout=60)
-        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}*"):
-            leftover.unlink()
+        remove_shm_buffers(port)
+
+
+def remove_shm_buffers(port: int) -> None:
+    """The DeepSpeed shared-memory buffers that killed ranks leave behind, named
+    ..._<uid>_<addr>_<port>_<rank> (deepspeed/ops/csrc/cpu/comm/shm.cpp:348-366): those of one job."""
+    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        leftover.unlink()
 
 
 def wait_for_first_step(proc: subprocess.Popen, output_dir: Path, timeout: float = 600) -> None:
@@ -136,7 +155,49 @@ def alive(pids: set[int]) -> set[int]:
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    output = f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{output}"
+
+
+ERROR = "medgpt: error: "
+# The caller's exit code for bad input: torchrun turns any failed worker into its own exit 1 (ChildFailedError,
+# with the worker's exit code 2 in its report); the deepspeed launcher passes the worker's code on.
+BAD_INPUT_EXIT = {"python": USER_ERROR_EXIT, "torchrun": 1, "deepspeed": USER_ERROR_EXIT}
+
+
+def error_lines(stderr: str) -> list[str]:
+    """A program's `medgpt: error:` lines, that prefix removed."""
+    return [line.removeprefix(ERROR) for line in stderr.splitlines() if line.startswith(ERROR)]
+
+
+def refused(proc: subprocess.CompletedProcess, launcher: str = "python") -> list[str]:
+    """Check that a program refused its input as every medgpt program does: exit code 2 (as the launcher
+    passes it on), no traceback through medgpt's own code, none at all when run directly (a launcher's
+    report of a failed worker is its own); return its error lines."""
+    tail = proc.stderr[-3000:]
+    assert proc.returncode == BAD_INPUT_EXIT[launcher], tail
+    for code in ("medgpt", "launcher"):
+        assert f'File "{REPO / code}' not in proc.stderr, tail
+    if launcher == "python":
+        assert "Traceback" not in proc.stderr, tail
+    if launcher == "torchrun":
+        assert re.search(r"exitcode\s*: 2 ", proc.stderr), tail
+    return error_lines(proc.stderr)
+
+
+def snapshot(path: Path) -> dict[str, tuple[bytes | None, int]]:
+    """Every file's bytes and every entry's mtime under path (a file: itself), to show that a refused
+    run left what the user had untouched."""
+    if not path.exists():
+        return {}
+    entries = [path, *path.rglob("*")] if path.is_dir() else [path]
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+            for p in entries}
+
+
+def solo() -> Dist:
+    """The one process of a run without torch.distributed."""
+    return Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def read_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -204,3 +265,8 @@ def stopped_at(run: Path, dest: Path, step: int = 4, older: tuple[int, ...] = ()
 
 def losses(out: Path) -> list[tuple[int, float]]:
     return read_scalars(out)["train/loss"]
+
+
+def latest_step(out: Path) -> int:
+    """The step of the checkpoint a run's `latest` names."""
+    return int((out / "checkpoints" / "latest").read_text().removeprefix("step"))

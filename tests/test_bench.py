@@ -2,21 +2,19 @@
 No speed assertions: speed targets live in bench/RESULTS.md, not in tests."""
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
-from conftest import REPO
+import pytest
+
+from conftest import REPO, check_ok, launch
+
+pytestmark = pytest.mark.e2e
 
 
 def test_bench_prints_both_frameworks_with_positive_numbers():
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--sizes", "tiny", "--steps", "2",
-                           "--reps", "1", "--device", "cpu",
-                           "--micro_batch_size", "2", "--grad_accum", "1"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    proc = launch(["--sizes", "tiny", "--steps", "2", "--reps", "1", "--device", "cpu",
+                   "--micro_batch_size", "2", "--grad_accum", "1"], script=str(REPO / "bench" / "bench.py"))
+    check_ok(proc)
     rows = {cells[0]: cells[1:] for line in proc.stdout.splitlines() if line.startswith("| ")
             for cells in [[c.strip() for c in line.strip("| ").split(" | ")]]}
     assert rows["framework"] == ["useful tokens/s", "vs HF Trainer", "padding", "tokens/step", "s/step",

@@ -4,14 +4,29 @@ import math
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import (REPO, STEPS, check_ok, ckpt_args, free_port, launch, losses, running, stopped_at,
-                      tiny_args, wait_for_first_step)
+from conftest import (
+    PROGRAMS,
+    REPO,
+    STEPS,
+    check_ok,
+    ckpt_args,
+    latest_step,
+    launch,
+    launch_command,
+    losses,
+    refused,
+    running,
+    stopped_at,
+    tiny_args,
+    wait_for_first_step,
+)
+
+pytestmark = pytest.mark.e2e
 
 
 # Step 2 is the end of warmup (tiny_args: warmup_steps 2); a resume there once drifted by one ulp
@@ -51,7 +66,7 @@ def test_resume_on_another_world_size(runs, tmp_path, data_cache, saved_ranks, r
     assert meta["global_batch"] == 8 and meta["world_size"] == resumed_ranks
     assert meta["config"]["train"]["grad_accum"] == 8 // (2 * resumed_ranks)
     assert meta["train_state"]["consumed"] == 64
-    for (step, value), (_, expected) in zip(losses(resumed)[4:], losses(reference)[4:]):
+    for (step, value), (_, expected) in zip(losses(resumed)[4:], losses(reference)[4:], strict=True):
         assert math.isclose(value, expected, rel_tol=1e-4), (step, value, expected)
 
 
@@ -72,26 +87,11 @@ def test_finished_run_is_not_restarted(runs, data_cache):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
-KILL_DURING_SAVE = """
-import os, signal, torch
-_save = torch.save
-def save(obj, f, *args, **kwargs):
-    # Die (SIGKILL, no cleanup) halfway through writing the step-4 checkpoint.
-    if "step4" in str(f) and "optim_states" in str(f):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _save(obj, f, *args, **kwargs)
-torch.save = save
-"""
-
-
 def test_sigkill_during_save_keeps_latest_complete(tmp_path, data_cache):
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(KILL_DURING_SAVE)
     out = tmp_path / "run"
     args = tiny_args(out, data_cache, max_steps=6, save_every=2, keep_last=0, eval_every=0,
                      ds_config=REPO / "ds_configs" / "zero2.json")
-    proc = launch(args, env={"PYTHONPATH": str(hook)})
+    proc = launch(args, env={"PYTHONPATH": str(PROGRAMS / "kill_during_save")})
     assert proc.returncode == -9
     assert (out / "checkpoints" / "step4").is_dir()  # the save had begun...
     assert (out / "checkpoints" / "latest").read_text() == "step2"  # ...but latest still names step 2
@@ -106,7 +106,7 @@ def test_checkpoint_of_another_model_is_refused(runs, tmp_path, data_cache):
     wider.write_text(json.dumps({**config, "n_embd": 128}))
     proc = launch(ckpt_args(tmp_path / "new", data_cache, 0, model=wider,
                             resume=runs(0) / "checkpoints" / "step4"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    refused(proc)
     assert "another model shape (n_embd: checkpoint 64 vs model 128)" in proc.stderr
     assert not (tmp_path / "new").exists()
 
@@ -121,10 +121,8 @@ def engine_logits(runs, tmp_path_factory):
     """Each stage's final checkpoint loaded into a 2-rank DeepSpeed engine: its logits (one launch)."""
     out = tmp_path_factory.mktemp("engine_logits")
     args = [str(a) for stage in range(4) for a in (runs(stage) / "checkpoints" / "step8", out / f"zero{stage}.pt")]
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    check_ok(subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
-                             str(REPO / "tests" / "engine_logits.py"), *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=600))
+    torchrun = launch_command("torchrun", nproc=2, script=str(PROGRAMS / "engine_logits.py"))
+    check_ok(subprocess.run([*torchrun, *args], cwd=REPO, capture_output=True, text=True, timeout=600))
     return {stage: torch.load(out / f"zero{stage}.pt") for stage in range(4)}
 
 
@@ -170,7 +168,7 @@ def test_sigusr1_saves_exits_75_and_resume_finishes(tmp_path, data_cache):
         proc.wait(timeout=300)
     output = (tmp_path / "log").read_text()
     assert proc.returncode == 75, output[-3000:]
-    step = int((out / "checkpoints" / "latest").read_text().removeprefix("step"))
+    step = latest_step(out)
     assert 1 <= step < 30 and "stop requested" in output
     check_ok(launch(args))
     assert [s for s, _ in losses(out)] == list(range(1, 31))

@@ -13,7 +13,24 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, STEPS, check_ok, ckpt_args, free_port, launch, losses, read_scalars, stopped_at
+from conftest import (
+    REPO,
+    STEPS,
+    check_ok,
+    ckpt_args,
+    free_port,
+    launch,
+    launch_command,
+    launch_env,
+    losses,
+    read_scalars,
+    refused,
+    remove_shm_buffers,
+    run_pids,
+    stopped_at,
+)
+
+pytestmark = pytest.mark.e2e
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0: the whole module state in one file
 
@@ -65,8 +82,7 @@ def test_resume_path_to_a_broken_checkpoint_is_refused(runs, tmp_path, data_cach
     expected = damage(tag)
     out = tmp_path / "new"
     proc = launch(ckpt_args(out, data_cache, 0, resume=tag))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("medgpt: error:")]
+    (error,) = refused(proc)
     assert f"--resume '{tag}': checkpoint '{tag}' is incomplete or damaged" in error and expected in error
     assert not out.exists()  # refused before anything was written
 
@@ -87,23 +103,9 @@ def test_missing_latest_resumes_from_the_newest_complete_checkpoint(runs, tmp_pa
     assert (resumed / "checkpoints" / "latest").read_text() == "step8"
 
 
-def job_pids(output_dir: Path) -> list[int]:
-    """Every process of a training job (the launcher and its ranks): those whose command line
-    names its output_dir."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and str(output_dir).encode() in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:  # gone meanwhile
-            pass
-    return pids
-
-
 def run_until(cmd: list[str], marker: str, timeout: float) -> tuple[subprocess.Popen, str]:
     """Start a job and read its output until marker appears (tqdm bars end in \\r, not \\n: read bytes)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=launch_env())
     output, deadline = b"", time.time() + timeout
     while marker.encode() not in output and time.time() < deadline:
         chunk = proc.stdout.read1(4096)
@@ -117,18 +119,14 @@ def test_kill_during_test_scoring_then_resume_completes_test_and_export(tmp_path
     out = tmp_path / "run"
     args = ckpt_args(out, data_cache, 0, max_steps=4)
     port = free_port()
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
-                "--master_port", str(port), str(REPO / "launcher" / "train.py")]
+    torchrun = launch_command("torchrun", nproc=2, master_port=port)
     proc, output = run_until(torchrun + args, "score:", timeout=600)  # the test set's progress bar
     assert "score:" in output, output[-3000:]
-    for pid in job_pids(out):  # kill -9 of the whole job, as a scheduler's hard kill does
+    for pid in run_pids(out):  # kill -9 of the whole job, as a scheduler's hard kill does
         os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=60)
     proc.stdout.close()
-    # The killed ranks' shared-memory buffers stay behind, named ..._<uid>_<addr>_<port>_<rank>
-    # (deepspeed/ops/csrc/cpu/comm/shm.cpp:348-366): remove this job's.
-    for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        buffer.unlink()
+    remove_shm_buffers(port)  # the killed ranks leave theirs behind
     assert not (out / "test_metrics.json").exists() and not (out / "export").exists()
     assert not (out / "checkpoints" / "step4" / "finished.json").exists()
 
@@ -157,7 +155,8 @@ def test_kill_during_export_then_resume_exports(runs, tmp_path, data_cache):
     proc = launch(ckpt_args(run, data_cache, 0))
     check_ok(proc)
     assert "already finished all 8 steps; completing its export" in proc.stdout
-    exported, original = load_file(run / "export" / "model.safetensors"), load_file(runs(0) / "export" / "model.safetensors")
+    exported = load_file(run / "export" / "model.safetensors")
+    original = load_file(runs(0) / "export" / "model.safetensors")
     assert exported.keys() == original.keys() and all((exported[k] == original[k]).all() for k in original)
     assert (run / "test_metrics.json").stat().st_mtime_ns == test_metrics  # not scored again
     assert "nothing to do" in launch(ckpt_args(run, data_cache, 0)).stdout
@@ -169,7 +168,6 @@ def test_export_cli_refuses_a_truncated_checkpoint(runs, tmp_path):
     truncate(tag / MODEL_STATES)
     proc = subprocess.run([sys.executable, str(REPO / "launcher" / "export.py"), "--checkpoint", str(tag),
                            "--output", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("medgpt: error:")]
+    (error,) = refused(proc)
     assert "is incomplete or damaged" in error and f"{MODEL_STATES} has " in error
     assert not (tmp_path / "hf").exists()

@@ -115,6 +115,7 @@ def test_split_run(trained, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.e2e
 def test_predictions_hold_exactly_the_official_test_pmids(test_split_run):
     out, proc = test_split_run
     predictions, metrics = read_json(out / "predictions.json"), read_json(out / "metrics.json")
@@ -125,12 +126,14 @@ def test_predictions_hold_exactly_the_official_test_pmids(test_split_run):
     assert "macro-F1" in proc.stdout and "majority baseline" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_loglik_scorer_gives_the_trained_answers(trained, test_split_run):
     _, test_records, _ = trained
     predictions = read_json(test_split_run[0] / "predictions.json")
     assert {r.pubid: predictions[r.pubid] for r in test_records} == {r.pubid: r.final_decision for r in test_records}
 
 
+@pytest.mark.e2e
 def test_two_ranks_match_one_process(trained, test_split_run, tmp_path):
     # A different batch size too: padding must not change any answer.
     check_ok(evaluate(trained[0], tmp_path, "--batch_size", "5", launcher="torchrun", nproc=2))
@@ -141,6 +144,7 @@ def test_two_ranks_match_one_process(trained, test_split_run, tmp_path):
     assert m2["macro_f1"] == m1["macro_f1"] and m2["majority_baseline"] == m1["majority_baseline"]
 
 
+@pytest.mark.e2e
 def test_generative_mode_answers_trained_dev_questions(trained, tmp_path):
     folder, _, dev_records = trained
     check_ok(evaluate(folder, tmp_path, "--split", "dev", "--mode", "generate"))
@@ -150,6 +154,7 @@ def test_generative_mode_answers_trained_dev_questions(trained, tmp_path):
     assert metrics["unparsed"] == sum(p is None for p in predictions.values())
 
 
+@pytest.mark.e2e  # its model is trained first (~10 s alone, a minute beside other runs)
 def test_answer_question_api(trained):
     folder, test_records, _ = trained
     model = load_saved_model(str(folder), torch.device("cpu"))
@@ -161,6 +166,7 @@ def test_answer_question_api(trained):
     assert answer_question(model, tokenizer, "Is it?", [], max_length=20).probabilities is None
 
 
+@pytest.mark.e2e
 def test_generate_launcher_prints_text_and_probabilities(trained):
     folder, test_records, _ = trained
     record = test_records[1]
@@ -177,7 +183,7 @@ def test_generate_launcher_prints_text_and_probabilities(trained):
 
 def predictions_file(tmp, drop=0, add=()):
     gold = read_json(GROUND_TRUTH)
-    predictions = {pmid: "yes" for pmid in list(gold)[drop:]} | {pmid: "no" for pmid in add}
+    predictions = dict.fromkeys(list(gold)[drop:], "yes") | dict.fromkeys(add, "no")
     path = tmp / "predictions.json"
     path.write_text(json.dumps(predictions))
     return path
@@ -207,6 +213,7 @@ BAD_INPUT = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_is_one_clear_error(trained, tmp_path, case):
     script, make_args, message = BAD_INPUT[case]
@@ -220,6 +227,7 @@ def test_bad_input_is_one_clear_error(trained, tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.e2e
 def test_rescoring_predictions_matches_the_run(test_split_run):
     out, _ = test_split_run
     proc = launch(["--predictions", str(out / "predictions.json"), "--data", str(ORI_JSON),
@@ -231,6 +239,7 @@ def test_rescoring_predictions_matches_the_run(test_split_run):
 
 # --- Training logs answer metrics on dev and scores the test set at the end.
 
+@pytest.mark.e2e
 def test_training_logs_accuracy_and_writes_test_metrics(tmp_path, data_cache):
     out = tmp_path / "run"
     # Micro-batch 8: the scoring batch too (the 500 test questions in 63 forwards).
@@ -244,6 +253,7 @@ def test_training_logs_accuracy_and_writes_test_metrics(tmp_path, data_cache):
     assert scalars["test/accuracy"][0][1] == pytest.approx(metrics["accuracy"])
 
 
+@pytest.mark.e2e
 def test_a_non_empty_output_is_only_overwritten_when_told(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

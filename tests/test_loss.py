@@ -34,5 +34,5 @@ def test_label_positions_only_head_matches_full_head():
     full.backward()
     assert count_label_tokens(labels) == 6
     torch.testing.assert_close(fast, full)  # float64 tolerances (1e-7): ~1e6 x its rounding
-    for fast_grad, p in zip(fast_grads, model.parameters()):
+    for fast_grad, p in zip(fast_grads, model.parameters(), strict=True):
         torch.testing.assert_close(fast_grad, p.grad)

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import REPO, TRAIN_PY, check_ok, read_scalars
+from conftest import REPO, TRAIN_PY, check_ok, launch_env, losses
+
+pytestmark = pytest.mark.netns  # root, to make the namespaces (netns tests count as e2e: conftest.py)
 
 ADDRESSES = ("10.77.0.1", "10.77.0.2")  # only inside the namespaces made here
 PORT = 29577
@@ -32,7 +34,7 @@ def two_hosts() -> Iterator[list[tuple[str, str]]]:
             ip("-n", name, "link", "set", "lo", "up")
         (ns0, if0), (ns1, if1) = hosts
         ip("link", "add", if0, "netns", ns0, "type", "veth", "peer", "name", if1, "netns", ns1)
-        for (name, ifname), address in zip(hosts, ADDRESSES):
+        for (name, ifname), address in zip(hosts, ADDRESSES, strict=True):
             ip("-n", name, "addr", "add", f"{address}/24", "dev", ifname)
             ip("-n", name, "link", "set", ifname, "up")
         yield hosts
@@ -49,8 +51,8 @@ def torchrun_on_host(namespace: str, ifname: str, node_rank: int, args: list[str
                 "--rdzv_conf", f"is_host={node_rank == 0}",
                 # Workers reach rank 0 at this address (the default, the machine's FQDN, is not on the veth).
                 "--local_addr", ADDRESSES[node_rank]]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": ifname}
-    return subprocess.Popen(["ip", "netns", "exec", namespace, *torchrun, TRAIN_PY, *args], cwd=REPO, env=env,
+    return subprocess.Popen(["ip", "netns", "exec", namespace, *torchrun, TRAIN_PY, *args], cwd=REPO,
+                            env=launch_env({"GLOO_SOCKET_IFNAME": ifname}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -64,7 +66,7 @@ def test_two_namespaces_match_one_node(two_hosts, two_rank_reference, reference_
     finally:
         for proc in procs:  # a node left waiting for a failed peer
             proc.kill()
-    got, want = read_scalars(out)["train/loss"], read_scalars(two_rank_reference)["train/loss"]
+    got, want = losses(out), losses(two_rank_reference)
     assert [s for s, _ in got] == [s for s, _ in want]
-    for (step, value), (_, expected) in zip(got, want):
+    for (step, value), (_, expected) in zip(got, want, strict=True):
         assert math.isclose(value, expected, rel_tol=1e-5), (step, value, expected)

@@ -2,28 +2,26 @@
 and the cache that prepare_data.py builds ahead of training."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from conftest import ORI_JSON, REPO, TINY_MODEL, TOKENIZER, check_ok, launch, read_scalars, tiny_args
+from conftest import ORI_JSON, REPO, TINY_MODEL, TOKENIZER, check_ok, launch, read_scalars, refused, solo, tiny_args
 from medgpt.config import DataConfig
-from medgpt.data import (ResumableDistributedSampler, collate, collate_packs, packed_dataset, padding_fraction,
-                         tokenized_dataset)
+from medgpt.data import (
+    ResumableDistributedSampler,
+    collate,
+    collate_packs,
+    packed_dataset,
+    padding_fraction,
+    tokenized_dataset,
+)
 from medgpt.distributed import Dist
-from medgpt.errors import USER_ERROR_EXIT
 from medgpt.loss import label_loss_sum
 from medgpt.prompt import IGNORE_INDEX
 from medgpt.pubmedqa import load_records, official_split
 
 PREPARE_PY = str(REPO / "launcher" / "prepare_data.py")
-
-
-def solo() -> Dist:
-    return Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +86,7 @@ def test_packed_loss_and_gradients_equal_each_sample_alone(real_data):
     checked = 0
     for row, pack in enumerate(two):
         start = 0
-        for sample, length in zip(pack["rows"], pack["sample_lengths"]):
+        for sample, length in zip(pack["rows"], pack["sample_lengths"], strict=True):
             with torch.no_grad():
                 packed = label_loss_sum(model, only_sample(batch, row, start, length))
                 alone = label_loss_sum(model, collate([tokens[sample]], pad_id=50256))
@@ -101,7 +99,7 @@ def test_packed_loss_and_gradients_equal_each_sample_alone(real_data):
     model.zero_grad()
     for sample in [r for pack in two for r in pack["rows"]]:
         label_loss_sum(model, collate([tokens[sample]], pad_id=50256)).backward()
-    for packed_grad, p in zip(packed_grads, model.parameters()):
+    for packed_grad, p in zip(packed_grads, model.parameters(), strict=True):
         torch.testing.assert_close(packed_grad, p.grad)
 
 
@@ -119,7 +117,8 @@ def test_attention_stays_within_each_sample(real_data):
             return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0, first:]
 
     # Other tokens in sample A leave every later sample's logits as they were...
-    torch.testing.assert_close(logits(changed, batch["position_ids"]), logits(batch["input_ids"], batch["position_ids"]))
+    torch.testing.assert_close(logits(changed, batch["position_ids"]),
+                               logits(batch["input_ids"], batch["position_ids"]))
     # ...whereas one causal sequence (positions not restarting) lets them through.
     plain = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
     assert not torch.allclose(logits(changed, plain), logits(batch["input_ids"], plain), atol=1e-3)
@@ -170,8 +169,7 @@ def prepared_then_trained(tmp_path_factory):
     """prepare_data.py builds the packed cache; a 2-rank packed run then trains from it."""
     cache, out = tmp_path_factory.mktemp("prepared-cache"), tmp_path_factory.mktemp("packed-run")
     args = tiny_args(out, cache, packing="on", max_steps=4, eval_every=0)
-    prepare = subprocess.run([sys.executable, PREPARE_PY, *args], cwd=REPO, capture_output=True, text=True,
-                             timeout=300)
+    prepare = launch(args, script=PREPARE_PY, timeout=300)
     check_ok(prepare)
     before = {p.name: p.stat().st_ino for p in cache.iterdir()}
     run = launch(args, launcher="torchrun", nproc=2)
@@ -179,6 +177,7 @@ def prepared_then_trained(tmp_path_factory):
     return prepare, before, cache, run, out
 
 
+@pytest.mark.e2e
 def test_prepare_data_builds_the_cache_training_reuses(prepared_then_trained):
     prepare, before, cache, run, _ = prepared_then_trained
     built = next(line for line in prepare.stdout.splitlines() if "built training data cache" in line)
@@ -189,6 +188,7 @@ def test_prepare_data_builds_the_cache_training_reuses(prepared_then_trained):
     assert len(before) == 2 and not any(name.startswith(".building-") for name in before)
 
 
+@pytest.mark.e2e
 def test_two_rank_packed_run_trains(prepared_then_trained):
     *_, out = prepared_then_trained
     scalars = read_scalars(out)
@@ -196,13 +196,14 @@ def test_two_rank_packed_run_trains(prepared_then_trained):
     assert len(losses) == 4 and all(0 < v < 20 for v in losses) and losses[-1] < losses[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("change, fix", [(dict(packing="off"), "resume with --packing on"),
                                          (dict(packing="on", seq_len=512), "resume with the same --seq_len")])
 def test_resume_with_other_packing_is_refused(prepared_then_trained, data_cache, change, fix):
     *_, out = prepared_then_trained
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     proc = launch(tiny_args(out, data_cache, max_steps=8, eval_every=0, **change))
-    assert proc.returncode == USER_ERROR_EXIT, proc.stderr[-3000:]
+    refused(proc)
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("medgpt: error: checkpoint") and fix in error
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

@@ -8,10 +8,19 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage3 import model_to_params as zero3_model_to_params
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from conftest import REPO, TINY_MODEL, check_ok, launch
+from conftest import REPO, TINY_MODEL, check_ok, launch, refused
 from medgpt.loss import label_loss_sum
-from medgpt.memory_plan import (GPT2_SIZES, ModelShape, Strategy, Workload, activation_bytes,
-                                layer_activation_bytes, load_shape, model_states, plan)
+from medgpt.memory_plan import (
+    GPT2_SIZES,
+    ModelShape,
+    Strategy,
+    Workload,
+    activation_bytes,
+    layer_activation_bytes,
+    load_shape,
+    model_states,
+    plan,
+)
 
 PLAN_PY = str(REPO / "launcher" / "plan.py")
 
@@ -134,6 +143,7 @@ def test_activation_estimate_matches_what_autograd_keeps(attention, dtype):
     assert kept + recomputed == pytest.approx(activation_bytes(shape, work, True) - logits_grad, rel=0.03)
 
 
+@pytest.mark.e2e
 def test_cli_prints_the_table_and_a_recommendation():
     proc = launch(["--model", "gpt2-xl", "--gpus", "8", "--gpu_mem", "36", "--micro_batch_size", "8"],
                   script=PLAN_PY, timeout=120)
@@ -150,6 +160,7 @@ def test_cli_prints_the_table_and_a_recommendation():
     assert lines[-1].startswith("recommended: ZeRO-0, offload none, activation checkpointing on")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args,message", [
     (["--model", "gpt3"], "neither a GPT-2 Hub name"),
     (["--model", "configs/models/absent.json"], "does not exist"),
@@ -158,6 +169,4 @@ def test_cli_prints_the_table_and_a_recommendation():
 ])
 def test_cli_bad_input_is_one_clear_error(args, message):
     proc = launch(args, script=PLAN_PY, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    assert any(line.startswith("medgpt: error:") and message in line for line in proc.stderr.splitlines())
+    assert any(message in line for line in refused(proc))

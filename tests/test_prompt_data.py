@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import ORI_JSON, TOKENIZER
+from conftest import ORI_JSON, TOKENIZER, solo
 from medgpt.config import DataConfig
 from medgpt.data import ResumableDistributedSampler, collate, eval_loader, tokenized_dataset, train_loader
 from medgpt.distributed import Dist
@@ -14,10 +14,6 @@ from medgpt.pubmedqa import load_records
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(str(TOKENIZER))
-
-
-def solo() -> Dist:
-    return Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def test_only_answer_tokens_carry_loss(tokenizer):
@@ -90,7 +86,8 @@ def test_eval_shards_are_equal_length_and_fillers_carry_no_loss():
     for rank in range(2):
         batches = list(eval_loader(rows, Dist(rank, 2, rank, torch.device("cpu")), batch_size=2, pad_id=0))
         assert sum(len(b["input_ids"]) for b in batches) == 3
-        seen += [int(ids[0]) for b in batches for ids, lab in zip(b["input_ids"], b["labels"]) if lab[0] != -100]
+        seen += [int(ids[0]) for b in batches for ids, lab in zip(b["input_ids"], b["labels"], strict=True)
+                 if lab[0] != -100]
     assert sorted(seen) == [0, 1, 2, 3, 4]
 
 

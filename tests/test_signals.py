@@ -6,11 +6,23 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import alive, check_ok, launch, rank_pid, read_scalars, run_pids, running, tiny_args, wait_for_first_step
+from conftest import (
+    alive,
+    check_ok,
+    latest_step,
+    launch,
+    losses,
+    rank_pid,
+    run_pids,
+    running,
+    tiny_args,
+    wait_for_first_step,
+)
+
+pytestmark = pytest.mark.e2e
 
 # Generous bounds on a shared 2-core machine. A stop: the step, the save and the launcher's exit
 # (stop_timeout defaults to 25 s). A stall: collective_timeout, then the launcher's 30 s before it
@@ -25,10 +37,6 @@ def seconds_until_gone(pids: set[int], start: float, bound: float) -> float:
         assert time.monotonic() - start < bound, f"processes left {bound} s after the signal: {alive(pids)}"
         time.sleep(0.2)
     return time.monotonic() - start
-
-
-def losses(output_dir: Path) -> list[tuple[int, float]]:
-    return read_scalars(output_dir)["train/loss"]
 
 
 @pytest.mark.parametrize("launcher, sig, whole_group, caller_sees", [
@@ -63,7 +71,7 @@ def test_stop_signal_saves_exits_and_resumes_bit_exact(launcher, sig, whole_grou
     assert proc.returncode == caller_sees, log[-5000:]
     # Rank 0 names the signal, or (under deepspeed) another rank noticed the launcher's end first.
     assert re.search(rf"stop requested \(({sig.name}|on another rank)\): saved step", log), log[-5000:]
-    step = int((out / "checkpoints" / "latest").read_text().removeprefix("step"))
+    step = latest_step(out)
     assert 1 <= step < 20
     check_ok(launch(reference_args(out), launcher=launcher, nproc=2))
     assert losses(out) == losses(two_rank_reference)  # every step, before and after the stop: bit for bit
@@ -122,5 +130,5 @@ def test_stop_that_cannot_finish_in_time_exits_4_and_keeps_latest(tmp_path, data
     log = (tmp_path / "log").read_text()
     assert proc.returncode == 4, log[-3000:]
     assert "stop requested (SIGTERM) but the step and its checkpoint did not finish within stop_timeout" in log
-    step = int(latest.read_text().removeprefix("step"))
+    step = latest_step(out)
     check_ok(launch(tiny_args(out, data_cache, max_steps=step + 1, eval_every=0)))  # latest loads

@@ -11,13 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TRAIN_PY, free_port, read_scalars
+from conftest import PROGRAMS, REPO, TRAIN_PY, free_port, losses
 
 CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
-# The process group is closed before exit: gloo's threads can abort an interpreter that exits with it open.
-INIT_SNIPPET = ("import torch; from medgpt.distributed import init_distributed; d = init_distributed(); "
-                "print(f'rank {d.rank} of {d.world_size} local {d.local_rank} sum {d.all_reduce_sum([1.0])[0]:g}'); "
-                "torch.distributed.destroy_process_group()")
+PRINT_RANK_PY = PROGRAMS / "print_rank.py"
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +67,16 @@ def release_now(env: dict[str, str], job_id: int) -> bool:
     return False
 
 
+def short_hostname() -> str:
+    """This machine's name as SLURM's node list and a deepspeed hostfile write it."""
+    return subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def log_of(log_dir: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("*.out")))  # ranks interleave bytes
 
 
-def losses(output_dir: Path) -> list[tuple[int, float]]:
-    return read_scalars(output_dir)["train/loss"]
-
-
+@pytest.mark.slurm
 def test_sbatch_torchrun_completes(slurm_env, reference_args, two_rank_reference, tmp_path):
     out = tmp_path / "run"
     env = {**slurm_env, "MEDGPT_CONFIG": "configs/smoke.yaml"}  # then the test's flags, which win
@@ -89,6 +88,7 @@ def test_sbatch_torchrun_completes(slurm_env, reference_args, two_rank_reference
     assert losses(out) == losses(two_rank_reference)
 
 
+@pytest.mark.slurm
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm_env, reference_args, two_rank_reference, tmp_path):
     out = tmp_path / "run"
     job = submit(slurm_env, tmp_path, "slurm/train.sbatch", *reference_args(out))
@@ -111,22 +111,25 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_env, reference_arg
     assert got == want  # every step, before and after the requeue: the same loss bit for bit
 
 
+@pytest.mark.slurm
 def test_sbatch_deepspeed_launcher_completes(slurm_env, reference_args, two_rank_reference, tmp_path):
     out = tmp_path / "run"
     job = submit(slurm_env, tmp_path, "slurm/train_deepspeed.sbatch", *reference_args(out))
     info = finished(slurm_env, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log_of(tmp_path)[-5000:]
-    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    host = short_hostname()
     assert (tmp_path / f"medgpt-ds-{job}.hostfile").read_text() == f"{host} slots=2\n"  # next to the log
     assert (out / "export" / "model.safetensors").is_file()
     assert losses(out) == losses(two_rank_reference)
 
 
+@pytest.mark.slurm
 def test_srun_tasks_are_ranks(slurm_env, tmp_path):
     """srun-direct: 2 tasks of one srun step are ranks 0 and 1 of 2 in one process group; a plain
     python in the batch script of the same 2-task job is not a task of a step: rank 0 of 1."""
     script = tmp_path / "ranks.sh"
-    script.write_text(f'#!/bin/bash\n"$MEDGPT_PYTHON" -c "{INIT_SNIPPET}"\nsrun --label "$MEDGPT_PYTHON" -c "{INIT_SNIPPET}"\n')
+    script.write_text(f'#!/bin/bash\n"$MEDGPT_PYTHON" "{PRINT_RANK_PY}"\n'
+                      f'srun --label "$MEDGPT_PYTHON" "{PRINT_RANK_PY}"\n')
     job = submit(slurm_env, tmp_path, str(script), options=("--nodes=1", "--ntasks=2"))
     info = finished(slurm_env, job)
     lines = log_of(tmp_path).splitlines()
@@ -148,6 +151,7 @@ FAKE_JOB = {"SLURM_JOB_ID": "41", "SLURM_JOB_NAME": "bad", "SLURM_NNODES": "1",
             "SLURM_JOB_NODELIST": "no-such-node[1-2]"}
 
 
+@pytest.mark.slurm
 def test_sbatch_unresolvable_nodelist(slurm_env):
     proc = subprocess.run(["bash", "slurm/train.sbatch"], cwd=REPO, capture_output=True, text=True,
                           env={**slurm_env, **FAKE_JOB, "SLURM_SUBMIT_DIR": str(REPO)})
@@ -155,6 +159,7 @@ def test_sbatch_unresolvable_nodelist(slurm_env):
     assert "cannot resolve the first host of SLURM_JOB_NODELIST='no-such-node[1-2]'" in proc.stderr
 
 
+@pytest.mark.slurm
 def test_srun_task_unresolvable_nodelist(slurm_env, tmp_path):
     env = {**slurm_env, **FAKE_JOB, "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
            "SLURM_LOCALID": "1"}
@@ -165,9 +170,10 @@ def test_srun_task_unresolvable_nodelist(slurm_env, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slurm
 def test_deepspeed_script_refuses_gpus_it_would_not_use(slurm_env):
     """On a shared node SLURM assigns GPUs 2,3; the deepspeed launcher would use 0,1: refused at start."""
-    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    host = short_hostname()
     job = {**FAKE_JOB, "SLURM_JOB_NODELIST": host, "SLURM_SUBMIT_DIR": str(REPO), "CUDA_VISIBLE_DEVICES": "2,3"}
     proc = subprocess.run(["bash", "slurm/train_deepspeed.sbatch"], cwd=REPO, capture_output=True, text=True,
                           env={**slurm_env, **job})

@@ -39,7 +39,7 @@ def test_step_flops_match_torch_flop_counter():
     config, model = model_from(TINY_MODEL)
     lengths, answers = [37, 100, 64], [1, 3, 2]
     counted, answer_tokens = 0, 0
-    for n, a in zip(lengths, answers):
+    for n, a in zip(lengths, answers, strict=True):
         input_ids = torch.randint(0, config.vocab_size, (1, n))
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[0, n - a:] = input_ids[0, n - a:]
@@ -75,6 +75,7 @@ def test_gpu_table_takes_the_most_specific_name(name, dtype, peak):
     assert table_peak_tflops(name, dtype) == peak
 
 
+@pytest.mark.e2e
 def test_two_rank_run_logs_perf_scalars(two_rank_reference):
     """The 2-rank torchrun run (conftest): every perf/ scalar at every step, with sane values."""
     scalars = read_scalars(two_rank_reference)
@@ -109,6 +110,7 @@ def test_two_rank_run_logs_perf_scalars(two_rank_reference):
     assert max(implied) == pytest.approx(min(implied), rel=1e-4) and 1e-3 < min(implied) / 2 < 10
 
 
+@pytest.mark.e2e
 def test_peak_tflops_flag_sets_the_peak(tmp_path, data_cache):
     out = tmp_path / "run"
     proc = launch(tiny_args(out, data_cache, max_steps=3, eval_every=0, peak_tflops=1.0))

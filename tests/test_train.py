@@ -1,11 +1,13 @@
 """End to end: the real entry point, real DeepSpeed, 2 ranks on gloo."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_MODEL, check_ok, launch, read_scalars, tiny_args
+from conftest import PROGRAMS, REPO, TINY_MODEL, check_ok, launch, read_scalars, tiny_args
 from medgpt.config import ModelConfig
 from medgpt.model import build_model, load_model_config
 
@@ -24,6 +26,7 @@ def losses(scalars, tag="train/loss"):
     return dict(scalars[tag])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stage, launcher", [(0, "torchrun"), (1, "torchrun"), (2, "deepspeed"), (3, "torchrun")])
 def test_two_ranks_match_one_process(reference, tmp_path, data_cache, stage, launcher):
     """2 ranks x accumulation 2 see the same global batches as 1 rank x accumulation 4, and the
@@ -44,11 +47,13 @@ def test_two_ranks_match_one_process(reference, tmp_path, data_cache, stage, lau
     assert losses(got)[STEPS] < losses(got)[1] - 0.5
 
 
+@pytest.mark.e2e
 def test_activation_checkpointing_keeps_the_losses(reference, tmp_path, data_cache):
     """Recomputing activations under ZeRO-3 on 2 ranks trains exactly like storing them."""
     out = tmp_path / "run"
     check_ok(launch(tiny_args(out, data_cache, grad_accum=2, max_steps=STEPS, activation_checkpointing="on",
-                              eval_every=0, ds_config=REPO / "ds_configs" / "zero3.json"), launcher="torchrun", nproc=2))
+                              eval_every=0, ds_config=REPO / "ds_configs" / "zero3.json"),
+                    launcher="torchrun", nproc=2))
     got, ref = losses(read_scalars(out)), losses(read_scalars(reference))
     assert sorted(got) == list(range(1, STEPS + 1))
     for step, value in ref.items():
@@ -77,6 +82,7 @@ def test_activation_checkpointing_recomputes_every_block(enabled):
     assert len(calls) == forward_calls * (2 if enabled else 1)
 
 
+@pytest.mark.e2e
 def test_tensorboard_and_resolved_config(reference):
     scalars = read_scalars(reference)
     for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/samples_per_s"):
@@ -91,6 +97,7 @@ def test_tensorboard_and_resolved_config(reference):
     assert (reference / "ds_config.json").is_file()
 
 
+@pytest.mark.e2e
 def test_log_every_gives_one_point_per_logged_step(tmp_path, data_cache):
     out = tmp_path / "run"
     check_ok(launch(tiny_args(out, data_cache, max_steps=7, log_every=3, eval_every=0)))
@@ -99,41 +106,8 @@ def test_log_every_gives_one_point_per_logged_step(tmp_path, data_cache):
     assert [s for s, _ in scalars["eval/loss"]] == [7]
 
 
-ZERO3_INIT_CHECK = """
-import sys, torch, deepspeed
-from medgpt.config import ModelConfig
-from medgpt.distributed import init_distributed
-from medgpt.model import build_model, load_model_config
-from medgpt.ds_config import load_ds_config, resolve_ds_config
-from medgpt.config import parse_config
-init_distributed()
-tiny, saved = sys.argv[1], sys.argv[2]
-cfg = parse_config(["--model", tiny, "--precision", "fp32", "--max_steps", "1"])
-ds = resolve_ds_config(load_ds_config("ds_configs/zero3.json"), cfg, 1, 1, 64, on_gpu=False)
-plain = build_model(cfg.model, load_model_config(cfg.model), {}, seed=123)
-plain.save_pretrained(saved)
-reference = {k: v.clone() for k, v in plain.state_dict().items()}
-
-def gathered(engine):
-    params = dict(engine.module.named_parameters())
-    assert all(hasattr(p, "ds_id") for p in params.values()), "not partitioned"
-    with deepspeed.zero.GatheredParameters(list(params.values())):
-        return {k: v.data.clone() for k, v in params.items()}
-
-for source in (tiny, saved):  # random init, and pretrained weights loaded under zero.Init
-    cfg.model.model = source
-    model = build_model(cfg.model, load_model_config(cfg.model), ds, seed=123)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-    for name, value in gathered(engine).items():
-        assert torch.equal(value, reference[name]), (source, name)
-print("ZERO3-INIT-EQUAL")
-"""
-
-
+@pytest.mark.e2e
 def test_zero3_init_equals_plain_init(tmp_path):
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", ZERO3_INIT_CHECK, str(REPO / "configs/models/tiny.json"),
-                           str(tmp_path / "saved")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    program = [sys.executable, str(PROGRAMS / "zero3_init_check.py"), str(TINY_MODEL), str(tmp_path / "saved")]
+    proc = subprocess.run(program, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ZERO3-INIT-EQUAL" in proc.stdout, proc.stderr[-4000:]

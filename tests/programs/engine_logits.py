@@ -16,7 +16,7 @@ from medgpt.ds_config import load_ds_config, resolve_ds_config
 from medgpt.model import build_model, load_model_config
 
 dist = init_distributed()
-for tag_dir, out in zip(map(Path, sys.argv[1::2]), map(Path, sys.argv[2::2])):
+for tag_dir, out in zip(map(Path, sys.argv[1::2]), map(Path, sys.argv[2::2]), strict=True):
     meta = read_meta(tag_dir)
     cfg = Config(**{name: SECTIONS[name](**values) for name, values in meta["config"].items()})
     model_config = load_model_config(cfg.model)
