@@ -66,13 +66,16 @@ def new_parser(description: str | None) -> CliParser:
 
 
 def _help_line(f: dataclasses.Field, kind: type) -> str:
-    """The field's help, then what happens when the flag is left out."""
+    """The field's help, then what happens when the flag is left out ('%' escaped: argparse
+    %-formats help texts)."""
     if f.default is dataclasses.MISSING:
-        return f"{f.metadata['help']} (required)"
-    if kind is bool:
-        return f"{f.metadata['help']} (default: {str(f.default).lower()}; true/false, yes/no, on/off, 1/0)"
-    shown = "none" if f.default in (None, ()) else "''" if f.default == "" else f.default
-    return f"{f.metadata['help']} (default: {shown})"
+        line = f"{f.metadata['help']} (required)"
+    elif kind is bool:
+        line = f"{f.metadata['help']} (default: {str(f.default).lower()}; true/false, yes/no, on/off, 1/0)"
+    else:
+        shown = "none" if f.default in (None, ()) else "''" if f.default == "" else f.default
+        line = f"{f.metadata['help']} (default: {shown})"
+    return line.replace("%", "%%")
 
 
 def _metavar(f: dataclasses.Field, kind: type) -> str:
@@ -89,7 +92,7 @@ def add_fields(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: t
     for f in dataclasses.fields(cls):
         kind = field_type(cls, f.name)
         options: dict[str, Any] = dict(default=None, metavar=_metavar(f, kind), help=_help_line(f, kind))
-        if f.metadata["positional"]:
+        if f.metadata["positional"]:  # optional to argparse, which would stop at a missing one
             parser.add_argument(f.name, nargs="?", **options)
         elif kind is bool:  # a bare --flag means true, as argparse's store_true
             parser.add_argument(f"--{f.name}", nargs="?", const="true", **options)
