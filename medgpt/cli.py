@@ -62,7 +62,11 @@ def coerce(value: Any, kind: type, where: str) -> Any:
 
 def new_parser(description: str | None) -> CliParser:
     """A launcher's parser; its module docstring (usage examples included) is the description."""
-    return CliParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CliParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The deepspeed launcher appends --local_rank to every rank's command line
+    # (deepspeed/launcher/launch.py:234-235); the environment carries the same value.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
 
 
 def _help_line(f: dataclasses.Field, kind: type) -> str:

@@ -6,7 +6,6 @@ across sections. Everything is validated once, in :func:`Config.validate`, befor
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -181,8 +180,6 @@ def build_parser(description: str | None = None) -> CliParser:
     parser = new_parser(description)
     parser.add_argument("--config", metavar="YAML", help="YAML file with model/data/optim/train sections of "
                         "these fields; flags win over the file (default: none)")
-    # The deepspeed launcher appends --local_rank; the environment carries the same value.
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     for name, section in SECTIONS.items():
         add_fields(parser.add_argument_group(f"{name} (the YAML file's {name}: section)"), section)
     return parser

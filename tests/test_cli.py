@@ -65,6 +65,12 @@ def test_one_name_and_one_meaning_per_flag_across_launchers():
     assert {flag: kinds for flag, kinds in metavars.items() if len(kinds) > 1} == {}  # same type and choices
 
 
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_every_launcher_takes_the_deepspeed_launchers_local_rank(name):
+    args, unknown = launcher(name).parser().parse_known_args(["--local_rank=1"])
+    assert unknown == [] and args.local_rank == 1
+
+
 @pytest.mark.parametrize("word, value", [("true", True), ("yes", True), ("on", True), ("1", True), ("TRUE", True),
                                          ("false", False), ("no", False), ("off", False), ("0", False)])
 def test_booleans_take_the_usual_words(word, value):
