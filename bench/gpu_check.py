@@ -95,7 +95,7 @@ def run_cell(args: argparse.Namespace, precision: str, stage: int, nproc: int) -
                 test_accuracy=json.loads((out / "test_metrics.json").read_text())["accuracy"])
     evaluate = [sys.executable, str(REPO / "launcher" / "evaluate.py"), "--model", str(out / "export"), "--split",
                 "dev", "--data", args.data, "--device", "cuda", "--seq_len", str(args.seq_len),
-                "--output", str(out / "eval-dev")]
+                "--output_dir", str(out / "eval-dev")]
     proc = subprocess.run(evaluate, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
     cell["eval_rc"] = proc.returncode
     if proc.returncode != 0:

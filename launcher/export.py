@@ -1,22 +1,24 @@
 """Consolidate a medgpt/DeepSpeed checkpoint of any ZeRO stage into a Hugging Face model folder.
 
-    python launcher/export.py --checkpoint runs/smoke --output runs/smoke-hf [--dtype fp32|bf16|fp16]
+    python launcher/export.py --checkpoint runs/smoke --output_dir runs/smoke-hf [--dtype fp32|bf16|fp16]
 """
-import argparse
+import sys
 
+from medgpt.cli import parse_request, request_parser
+from medgpt.commands import ExportRequest
 from medgpt.errors import CliParser, run_cli
-from medgpt.export import DTYPES, export_checkpoint
 
 
-def main() -> None:
-    parser = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="a run's output_dir, its checkpoints/ folder, or one checkpoints/step<N> folder")
-    parser.add_argument("--output", required=True, help="new folder for config.json, model.safetensors, tokenizer")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    args = parser.parse_args()
-    print(f"exported {export_checkpoint(args.checkpoint, args.output, args.dtype)}")
+def parser() -> CliParser:
+    return request_parser(ExportRequest, __doc__)
+
+
+def main(argv: list[str]) -> None:
+    request = parse_request(ExportRequest, parser(), argv)
+    from medgpt.export import export_checkpoint  # imports DeepSpeed (seconds): bad flags are reported before it
+
+    print(f"exported {export_checkpoint(request.checkpoint, request.output_dir, request.dtype)}")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(lambda: main(sys.argv[1:]))

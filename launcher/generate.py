@@ -4,20 +4,20 @@
 """
 import sys
 
+from medgpt.cli import parse_request, request_parser
+from medgpt.commands import GenerateRequest
 from medgpt.errors import CliParser, run_cli
-from medgpt.inference import run_generate
+
+
+def parser() -> CliParser:
+    return request_parser(GenerateRequest, __doc__)
 
 
 def main(argv: list[str]) -> None:
-    parser = CliParser(prog="generate.py", description=__doc__.splitlines()[0])
-    parser.add_argument("question")
-    parser.add_argument("--model", required=True, help="save_pretrained folder")
-    parser.add_argument("--context", action="append", default=[], help="a context passage (repeatable)")
-    parser.add_argument("--max_length", type=int, default=256, help="prompt + generated tokens")
-    parser.add_argument("--tokenizer", default="", help="default: the model folder's")
-    parser.add_argument("--device", default="auto", help="auto (the GPU if any), cuda or cpu")
-    args = parser.parse_args(argv)
-    run_generate(args.model, args.question, args.context, args.max_length, args.tokenizer, args.device)
+    r = parse_request(GenerateRequest, parser(), argv)
+    from medgpt.inference import run_generate  # imports torch (seconds): bad flags are reported before it
+
+    run_generate(r.model, r.question, r.context, r.max_length, r.tokenizer, r.device)
 
 
 if __name__ == "__main__":

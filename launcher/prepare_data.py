@@ -7,9 +7,20 @@ matter); a training run with the same ones reuses the cache without tokenizing a
 """
 import sys
 
-from medgpt.config import parse_config
-from medgpt.errors import run_cli
-from medgpt.prepare_data import prepare_data
+from medgpt.config import build_parser, parse_config
+from medgpt.errors import CliParser, run_cli
+
+
+def parser() -> CliParser:
+    return build_parser(__doc__)
+
+
+def main(argv: list[str]) -> None:
+    cfg = parse_config(argv, parser())
+    from medgpt.prepare_data import prepare_data  # imports torch (seconds): bad flags are reported before it
+
+    prepare_data(cfg)
+
 
 if __name__ == "__main__":
-    run_cli(lambda: prepare_data(parse_config(sys.argv[1:])))
+    run_cli(lambda: main(sys.argv[1:]))

@@ -1,16 +1,21 @@
-"""Train GPT-2 on PubMedQA with DeepSpeed.
+"""Train GPT-2 on PubMedQA with DeepSpeed. Every field of the YAML config is also a flag; flags win
+over the file.
 
     deepspeed launcher/train.py --ds_config ds_configs/zero2.json --config configs/smoke.yaml
     torchrun --nproc_per_node 2 launcher/train.py --config configs/smoke.yaml
 """
 import sys
 
-from medgpt.config import parse_config
-from medgpt.errors import run_cli
+from medgpt.config import build_parser, parse_config
+from medgpt.errors import CliParser, run_cli
+
+
+def parser() -> CliParser:
+    return build_parser(__doc__)
 
 
 def main(argv: list[str]) -> None:
-    cfg = parse_config(argv)
+    cfg = parse_config(argv, parser())
     from medgpt.train import train  # imports DeepSpeed (seconds): bad flags are reported before it
 
     train(cfg)

@@ -6,17 +6,15 @@ across sections. Everything is validated once, in :func:`Config.validate`, befor
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from medgpt.cli import add_fields, arg, choice_problems, coerce, field_type, given_values, new_parser
 from medgpt.errors import CliParser, UserError
 
 HUB_DATASET = "qiaojin/PubMedQA"
@@ -26,70 +24,71 @@ DEVICES = ("auto", "cuda", "cpu")
 
 @dataclass
 class ModelConfig:
-    # Hub name ("gpt2", "gpt2-medium"), a save_pretrained folder, or a GPT2Config .json
-    # file for a randomly initialised model (configs/models/tiny.json).
-    model: str = "gpt2"
-    # Tokenizer name or folder; empty means the model's own (Hub "gpt2" for a .json config).
-    tokenizer: str = ""
-    dropout: float = 0.1
-    # Recompute each block's activations in the backward pass (transformers' gradient
-    # checkpointing): less memory, ~1/3 more compute. launcher/plan.py says when it is needed.
-    activation_checkpointing: bool = False
+    model: str = arg("gpt2", help="Hub name (gpt2, gpt2-medium), a save_pretrained folder, or a GPT2Config "
+                     ".json for a randomly initialised model (configs/models/tiny.json)")
+    tokenizer: str = arg("", help="tokenizer name or folder; empty: the model's own (Hub gpt2 for a .json config)")
+    dropout: float = arg(0.1, help="dropout of the embeddings, attention and MLP, in [0, 1)")
+    # transformers' gradient checkpointing; launcher/plan.py says when it is needed.
+    activation_checkpointing: bool = arg(False, help="recompute each block's activations in the backward "
+                                         "pass: less memory, ~1/3 more compute")
 
 
 @dataclass
 class DataConfig:
-    # Hub dataset id (config pqa_labeled), a parquet file/folder in the Hub's layout,
-    # or the original ori_pqal.json.
-    data: str = HUB_DATASET
-    fold: int = 0  # which of the 10 official cross-validation folds is dev
-    seq_len: int = 1024  # longest tokenized sample; contexts are cut to fit
-    long_answer: bool = False  # train on "yes. <long answer>" instead of the decision alone
-    cache_dir: str = ""  # tokenized-data cache; empty means <HF datasets cache>/medgpt
-    # Pack several training samples into each row of seq_len tokens (attention stays within each
-    # sample); micro_batch_size then counts packed rows. Off: batches are grouped by length.
-    packing: bool = False
+    data: str = arg(HUB_DATASET, help="Hub dataset id (config pqa_labeled), a parquet file/folder in the Hub's "
+                    "layout, or the original ori_pqal.json")
+    fold: int = arg(0, help="which of the 10 official cross-validation folds (0..9) is dev")
+    seq_len: int = arg(1024, help="longest tokenized sample; contexts are cut to fit")
+    long_answer: bool = arg(False, help="train on 'yes. <long answer>' instead of the decision alone")
+    cache_dir: str = arg("", help="tokenized-data cache; empty: <HF datasets cache>/medgpt")
+    # Attention stays within each sample of a packed row.
+    packing: bool = arg(False, help="pack several training samples into each row of seq_len tokens "
+                        "(micro_batch_size then counts rows); off: batches are grouped by length")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0  # 0 disables clipping
+    lr: float = arg(5e-5, help="peak learning rate (AdamW)")
+    weight_decay: float = arg(0.0, help="AdamW weight decay")
+    adam_beta1: float = arg(0.9, help="AdamW beta1, in [0, 1)")
+    adam_beta2: float = arg(0.999, help="AdamW beta2, in [0, 1)")
+    adam_eps: float = arg(1e-8, help="AdamW epsilon, > 0")
+    warmup_steps: int = arg(0, help="optimizer steps of linear warmup before the cosine decay")
+    min_lr_ratio: float = arg(0.0, help="the cosine decays to lr * min_lr_ratio, in [0, 1]")
+    grad_clip: float = arg(1.0, help="clip the global gradient norm to this (0: no clipping)")
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/medgpt"
-    ds_config: str = "ds_configs/zero2.json"
-    precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
-    micro_batch_size: int = 4
-    eval_batch_size: int = 16  # no backward pass: evaluation affords larger batches
-    grad_accum: int = 1
-    epochs: int = 3
-    max_steps: int = 0  # >0 stops after this many optimizer steps, overriding epochs
-    seed: int = 42
-    eval_every: int = 0  # held-out loss every N steps (0: only at the end)
-    log_every: int = 1
-    save_every: int = 0  # checkpoint every N steps (0: only at the end)
-    keep_last: int = 2  # checkpoints kept (0: all)
-    resume: str = "auto"  # auto (latest in output_dir, if any) | none | a checkpoint path
-    peak_tflops: float = 0.0  # per-device peak for perf/mfu; 0: the GPU datasheet table, else a timed matmul
-    device: str = "auto"  # auto (this rank's GPU, an error if the machine has GPUs torch cannot use) | cuda | cpu
-    tf32: bool = True  # fp32 matmuls on TF32 tensor cores (Ampere and newer GPUs; ~8x faster, 10-bit mantissa)
-    max_skipped_steps: int = 20  # fp16: stop (exit 3) after this many consecutive loss-scale overflows
-    # Seconds from a stop signal (USR1/TERM/INT) to exit: the step in progress and its checkpoint must fit.
-    # Past it a rank exits with STALLED_EXIT without saving. Keep it under the 30 s after which torchrun
-    # (--shutdown_timeout), deepspeed's launch.py and SLURM (KillWait) SIGKILL the ranks.
-    stop_timeout: float = 25.0
-    # Seconds a collective may wait for the other ranks before the rank gives up with STALLED_EXIT: longer
-    # than the slowest step, evaluation or checkpoint save (ranks wait at a barrier while others write).
-    collective_timeout: float = 600.0
+    output_dir: str = arg("runs/medgpt", help="folder for checkpoints, logs, metrics and the exported model")
+    ds_config: str = arg("ds_configs/zero2.json", help="DeepSpeed JSON config ('auto' values come from these flags)")
+    precision: str = arg("bf16", choices=PRECISIONS, help="training precision (fp16 needs a GPU)")
+    micro_batch_size: int = arg(4, help="samples (packed rows with --packing) per rank per micro-step")
+    # No backward pass: evaluation affords larger batches.
+    eval_batch_size: int = arg(16, help="questions per rank per batch when scoring dev and test")
+    grad_accum: int = arg(1, help="micro-steps accumulated per optimizer step")
+    epochs: int = arg(3, help="passes over the training questions")
+    max_steps: int = arg(0, help=">0: stop after this many optimizer steps, overriding epochs")
+    seed: int = arg(42, help="seed of initialisation, shuffling and dropout")
+    eval_every: int = arg(0, help="held-out loss every N steps (0: only at the end)")
+    log_every: int = arg(1, help="log training metrics every N steps")
+    save_every: int = arg(0, help="checkpoint every N steps (0: only at the end)")
+    keep_last: int = arg(2, help="checkpoints kept (0: all)")
+    resume: str = arg("auto", help="auto (the latest checkpoint in output_dir, if any), none, or a checkpoint path")
+    peak_tflops: float = arg(0.0, help="per-device peak TFLOPS for perf/mfu; 0: the GPU datasheet table, "
+                             "else a timed matmul")
+    # auto: an error, not a silent CPU run, on a machine with GPUs torch cannot use.
+    device: str = arg("auto", choices=DEVICES, help="auto: this rank's GPU if there is one, else the CPU")
+    tf32: bool = arg(True, help="fp32 matmuls on TF32 tensor cores (Ampere and newer: ~8x faster, "
+                     "10-bit mantissa)")
+    max_skipped_steps: int = arg(20, help="fp16: stop (exit 3) after this many consecutive loss-scale overflows")
+    # Keep it under the 30 s after which torchrun (--shutdown_timeout), deepspeed's launch.py and
+    # SLURM (KillWait) SIGKILL the ranks; past it a rank exits with STALLED_EXIT without saving.
+    stop_timeout: float = arg(25.0, help="seconds from a stop signal (USR1/TERM/INT) to exit: the step in "
+                              "progress and its checkpoint must fit")
+    # Longer than the slowest step, evaluation or checkpoint save (ranks wait at a barrier while others write).
+    collective_timeout: float = arg(600.0, help="seconds a collective may wait for the other ranks before "
+                                    "the rank gives up (exit 4)")
 
 
 @dataclass
@@ -119,16 +118,14 @@ class Config:
         def bad(name: str, broken: bool) -> bool:
             return name not in nonfinite and broken
 
-        if t.precision not in PRECISIONS:
-            problems.append(f"precision '{t.precision}' is unknown; use one of {', '.join(PRECISIONS)}")
+        for name, section in SECTIONS.items():
+            problems += choice_problems(section, vars(getattr(self, name)))
         for name in ("micro_batch_size", "eval_batch_size", "grad_accum", "log_every"):
             if getattr(t, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(t, name)})")
         for name in ("epochs", "max_steps", "eval_every", "save_every", "keep_last"):
             if getattr(t, name) < 0:
                 problems.append(f"{name} must be >= 0 (got {getattr(t, name)})")
-        if t.device not in DEVICES:
-            problems.append(f"device '{t.device}' is unknown; use one of {', '.join(DEVICES)}")
         if t.max_skipped_steps < 1:
             problems.append(f"max_skipped_steps must be >= 1 (got {t.max_skipped_steps})")
         if bad("peak_tflops", t.peak_tflops < 0):
@@ -168,55 +165,23 @@ class Config:
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 
 
-def _field_type(section: type, name: str) -> type:
-    hint = typing.get_type_hints(section)[name]
-    if isinstance(hint, types.UnionType):  # "int | None" style: take the non-None member
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
-def _coerce(value: Any, kind: type, where: str) -> Any:
-    """Turn a YAML or command-line value into the field's type, or say why not."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"{where}: expected true or false, got '{value}'")
-    if kind is float and isinstance(value, str):
-        value = value.strip()
-    try:
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: expected {kind.__name__}, got '{value}'") from None
-
-
 def _field_index() -> dict[str, tuple[str, type]]:
     """Flat field name -> (section name, type); names are unique across sections."""
     index: dict[str, tuple[str, type]] = {}
     for section_name, section in SECTIONS.items():
         for f in dataclasses.fields(section):
             assert f.name not in index, f"duplicate config field {f.name}"
-            index[f.name] = (section_name, _field_type(section, f.name))
+            index[f.name] = (section_name, field_type(section, f.name))
     return index
 
 
-def build_parser() -> CliParser:
-    parser = CliParser(
-        prog="train.py",
-        description="Fine-tune GPT-2 on PubMedQA with DeepSpeed. Every field of the YAML config "
-        "is also a flag; flags win over the file.",
-    )
-    parser.add_argument("--config", help="YAML file with model/data/optim/train sections")
-    # The deepspeed launcher appends --local_rank; the environment carries the same value.
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    for name, (section, kind) in _field_index().items():
-        parser.add_argument(f"--{name}", default=None, metavar=kind.__name__.upper(), help=f"[{section}]")
+def build_parser(description: str | None = None) -> CliParser:
+    """The parser of launcher/train.py and launcher/prepare_data.py (``description``: the launcher's)."""
+    parser = new_parser(description)
+    parser.add_argument("--config", metavar="YAML", help="YAML file with model/data/optim/train sections of "
+                        "these fields; flags win over the file (default: none)")
+    for name, section in SECTIONS.items():
+        add_fields(parser.add_argument_group(f"{name} (the YAML file's {name}: section)"), section)
     return parser
 
 
@@ -239,38 +204,36 @@ def _load_yaml(path: str) -> dict[str, dict[str, Any]]:
     return raw
 
 
-def _coerced(entries: dict[str, Any], kind_of: dict[str, type], where: str, problems: list[str]) -> dict[str, Any]:
-    """The values that convert to their field's type; the others become problems (so a wrong type
-    does not hide the problems found after it)."""
+def _coerced(entries: dict[str, Any], section: type, where: str, problems: list[str]) -> dict[str, Any]:
+    """The YAML values that convert to their field's type; the others become problems (so a wrong
+    type does not hide the problems found after it)."""
     values = {}
     for name, value in entries.items():
         try:
-            values[name] = _coerce(value, kind_of[name], where.format(name=name))
+            values[name] = coerce(value, field_type(section, name), f"{where}.{name}")
         except UserError as err:
             problems += err.problems
     return values
 
 
-def parse_config(argv: list[str]) -> Config:
-    """Build the validated Config from a command line (and the YAML file it names). Every
-    problem -- unknown flags and fields, wrong types, values out of range -- is reported at once."""
-    parser = build_parser()
+def parse_config(argv: list[str], parser: CliParser | None = None) -> Config:
+    """Build the validated Config from a command line (and the YAML file it names) with ``parser``
+    (a launcher's :func:`build_parser`). Every problem -- unknown flags and fields, wrong types,
+    values out of range -- is reported at once."""
+    parser = parser or build_parser()
     args, unknown = parser.parse_known_args(argv)
     problems = parser.unknown_problems(unknown)
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    index = _field_index()
-    kind_of = {name: kind for name, (_, kind) in index.items()}
     if args.config:
-        for section, entries in _load_yaml(args.config).items():
-            fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        for name, entries in _load_yaml(args.config).items():
+            fields = {f.name for f in dataclasses.fields(SECTIONS[name])}
             for key in sorted(entries.keys() - fields):
-                problems.append(f"config file '{args.config}': unknown field '{section}.{key}'; "
-                                f"fields of '{section}' are {', '.join(sorted(fields))}")
+                problems.append(f"config file '{args.config}': unknown field '{name}.{key}'; "
+                                f"fields of '{name}' are {', '.join(sorted(fields))}")
             known = {key: value for key, value in entries.items() if key in fields}
-            values[section].update(_coerced(known, kind_of, f"{section}.{{name}}", problems))
-    flags = {name: getattr(args, name) for name in index if getattr(args, name) is not None}
-    for name, value in _coerced(flags, kind_of, "--{name}", problems).items():
-        values[index[name][0]][name] = value
+            values[name].update(_coerced(known, SECTIONS[name], name, problems))
+    for name, section in SECTIONS.items():
+        values[name].update(given_values(args, section, problems))
     config = Config(**{name: SECTIONS[name](**vals) for name, vals in values.items()})
     problems += config.problems()
     if problems:

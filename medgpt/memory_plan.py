@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-from transformers import GPT2Config, PretrainedConfig
+from typing import TYPE_CHECKING
 
 from medgpt.config import ModelConfig
 from medgpt.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 GiB = 2**30
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -74,6 +76,9 @@ class ModelShape:
 
 def load_shape(model: str) -> ModelShape:
     """A GPT-2 Hub name (offline: shapes above), a save_pretrained folder or a GPT2Config .json."""
+    # Imported here: transformers pulls in torch (seconds), which launcher/plan.py --help does without.
+    from transformers import GPT2Config
+
     name = model.removeprefix("openai-community/")
     if name in GPT2_SIZES:
         return ModelShape.from_config(GPT2Config(**GPT2_SIZES[name]))

@@ -7,11 +7,13 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from medgpt.config import HUB_DATASET
 from medgpt.errors import UserError
+
+if TYPE_CHECKING:
+    import datasets
 
 DECISIONS = ("yes", "no", "maybe")
 NUM_FOLDS = 10
@@ -76,6 +78,10 @@ def _from_hf_rows(rows: datasets.Dataset, source: str) -> list[Record]:
 
 def load_records(source: str) -> list[Record]:
     """Load pqa_labeled from the Hub id, a parquet file or folder, or ori_pqal.json."""
+    # Imported here: datasets takes over a second to import, which the launchers' --help (this
+    # module's DECISIONS and NUM_FOLDS) does without.
+    import datasets
+
     path = Path(source)
     if path.is_dir() or (path.suffix == ".parquet" and path.is_file()):
         files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]

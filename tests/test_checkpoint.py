@@ -151,10 +151,10 @@ def test_export_cli_refuses_to_overwrite(runs, tmp_path):
     target.mkdir()
     (target / "keep.txt").write_text("mine")
     proc = subprocess.run([sys.executable, str(REPO / "launcher" / "export.py"), "--checkpoint", str(runs(0)),
-                           "--output", str(target)], capture_output=True, text=True)
+                           "--output_dir", str(target)], capture_output=True, text=True)
     assert proc.returncode == 2 and "not empty" in proc.stderr and (target / "keep.txt").read_text() == "mine"
     proc = subprocess.run([sys.executable, str(REPO / "launcher" / "export.py"), "--checkpoint", str(runs(0)),
-                           "--output", str(tmp_path / "bf16"), "--dtype", "bf16"], capture_output=True, text=True)
+                           "--output_dir", str(tmp_path / "bf16"), "--dtype", "bf16"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
 

@@ -167,7 +167,7 @@ def test_export_cli_refuses_a_truncated_checkpoint(runs, tmp_path):
     shutil.copytree(runs(0) / "checkpoints" / "step8", tag)
     truncate(tag / MODEL_STATES)
     proc = subprocess.run([sys.executable, str(REPO / "launcher" / "export.py"), "--checkpoint", str(tag),
-                           "--output", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
+                           "--output_dir", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
     (error,) = refused(proc)
     assert "is incomplete or damaged" in error and f"{MODEL_STATES} has " in error
     assert not (tmp_path / "hf").exists()

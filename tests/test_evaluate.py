@@ -99,7 +99,7 @@ def trained(tmp_path_factory):
 
 
 def evaluate(model, out, *extra, launcher="python", nproc=1):
-    args = ["--model", str(model), "--data", str(ORI_JSON), "--seq_len", str(SEQ_LEN), "--output", str(out), *extra]
+    args = ["--model", str(model), "--data", str(ORI_JSON), "--seq_len", str(SEQ_LEN), "--output_dir", str(out), *extra]
     return launch(args, launcher=launcher, nproc=nproc, script=EVALUATE_PY)
 
 
@@ -110,7 +110,7 @@ def read_json(path):
 @pytest.fixture(scope="module")
 def test_split_run(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval-test")
-    proc = evaluate(trained[0], out, "--batch_size", "8")
+    proc = evaluate(trained[0], out, "--eval_batch_size", "8")
     check_ok(proc)
     return out, proc
 
@@ -136,7 +136,7 @@ def test_loglik_scorer_gives_the_trained_answers(trained, test_split_run):
 @pytest.mark.e2e
 def test_two_ranks_match_one_process(trained, test_split_run, tmp_path):
     # A different batch size too: padding must not change any answer.
-    check_ok(evaluate(trained[0], tmp_path, "--batch_size", "5", launcher="torchrun", nproc=2))
+    check_ok(evaluate(trained[0], tmp_path, "--eval_batch_size", "5", launcher="torchrun", nproc=2))
     one, two = test_split_run[0], tmp_path
     assert read_json(two / "predictions.json") == read_json(one / "predictions.json")
     m1, m2 = read_json(one / "metrics.json"), read_json(two / "metrics.json")
@@ -219,7 +219,7 @@ def test_bad_input_is_one_clear_error(trained, tmp_path, case):
     script, make_args, message = BAD_INPUT[case]
     args = make_args(tmp_path, trained[0])
     if script == EVALUATE_PY:
-        args += ["--data", str(ORI_JSON), "--output", str(tmp_path / "out")]
+        args += ["--data", str(ORI_JSON), "--output_dir", str(tmp_path / "out")]
     proc = launch(args, script=script)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len([line for line in proc.stderr.splitlines() if line.startswith("medgpt: error:")]) == 1
@@ -231,7 +231,7 @@ def test_bad_input_is_one_clear_error(trained, tmp_path, case):
 def test_rescoring_predictions_matches_the_run(test_split_run):
     out, _ = test_split_run
     proc = launch(["--predictions", str(out / "predictions.json"), "--data", str(ORI_JSON),
-                   "--output", str(out / "rescored")], script=EVALUATE_PY)
+                   "--output_dir", str(out / "rescored")], script=EVALUATE_PY)
     check_ok(proc)
     rescored, original = read_json(out / "rescored" / "metrics.json"), read_json(out / "metrics.json")
     assert rescored == {k: v for k, v in original.items() if k in rescored}
@@ -258,7 +258,7 @@ def test_a_non_empty_output_is_only_overwritten_when_told(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.json").write_text("an earlier evaluation")
-    args = ["--predictions", str(predictions_file(tmp_path)), "--data", str(ORI_JSON), "--output", str(out)]
+    args = ["--predictions", str(predictions_file(tmp_path)), "--data", str(ORI_JSON), "--output_dir", str(out)]
     proc = launch(args, script=EVALUATE_PY)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     (error,) = [line for line in proc.stderr.splitlines() if line.startswith("medgpt: error:")]

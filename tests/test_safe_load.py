@@ -60,7 +60,7 @@ def test_the_crafted_file_runs_code_when_unpickled(tmp_path):
 @pytest.mark.parametrize("stage", sorted(CRAFTED_FILE))
 def test_export_refuses_a_checkpoint_that_would_run_code(tmp_path, stage):
     run, marker = crafted_run(tmp_path, stage)
-    proc = subprocess.run([sys.executable, EXPORT_PY, "--checkpoint", str(run), "--output", str(tmp_path / "hf")],
+    proc = subprocess.run([sys.executable, EXPORT_PY, "--checkpoint", str(run), "--output_dir", str(tmp_path / "hf")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     (error,) = refused(proc)
     assert CRAFTED_FILE[stage] in error and "holds more than weights" in error and "open" in error
