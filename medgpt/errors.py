@@ -23,7 +23,8 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, NoReturn, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 USER_ERROR_EXIT = 2
 DIVERGED_EXIT = 3

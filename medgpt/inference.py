@@ -1,8 +1,8 @@
 """Answer one free-text question with a saved model on one device, through the training prompt."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -14,6 +14,7 @@ from medgpt.evaluate import decision_probabilities, decision_token_ids
 from medgpt.model import load_saved_model, load_tokenizer
 from medgpt.prompt import encode_example
 from medgpt.pubmedqa import DECISIONS
+
 
 def check_question(question: str) -> None:
     if not question.strip():
@@ -46,7 +47,7 @@ def answer_question(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     if not contexts:
         return Answer(text=text, probabilities=None)
     probs = decision_probabilities(model, inputs, decision_token_ids(tokenizer))[0].tolist()
-    return Answer(text=text, probabilities=dict(zip(DECISIONS, probs)))
+    return Answer(text=text, probabilities=dict(zip(DECISIONS, probs, strict=True)))
 
 
 def run_generate(model_folder: str, question: str, contexts: Sequence[str], max_length: int,

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from conftest import REPO, launch_env
+from conftest import PROGRAMS, REPO, launch_env
 from medgpt.cli import parse_request
 from medgpt.commands import EvalRequest, PlanRequest
 from medgpt.config import parse_config
@@ -107,22 +107,10 @@ def test_every_problem_of_a_request_is_reported_together():
                                   "--model is required: " + PlanRequest.__dataclass_fields__["model"].metadata["help"]]
 
 
-# Runs a launcher's --help in this process, then prints which heavy modules it imported.
-HELP_PROBE = """
-import json, runpy, sys
-sys.argv = [sys.argv[1], "--help"]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit as end:
-    code = end.code
-print(json.dumps({"exit": code, "heavy": [m for m in %r if m in sys.modules]}))
-""" % (HEAVY,)
-
-
 @pytest.mark.parametrize("name", LAUNCHERS)
 def test_help_answers_without_importing_torch(name):
-    proc = subprocess.run([sys.executable, "-c", HELP_PROBE, str(REPO / "launcher" / f"{name}.py")], cwd=REPO,
-                          env=launch_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(PROGRAMS / "help_probe.py"), str(REPO / "launcher" / f"{name}.py"),
+                           *HEAVY], cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     usage, *_, result = proc.stdout.splitlines()
     assert usage.startswith(f"usage: {name}.py "), usage  # its own name (prepare_data.py once said train.py)
