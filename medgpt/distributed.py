@@ -120,6 +120,14 @@ def _set_group_timeout(seconds: float) -> timedelta:
     return timeout
 
 
+def adopt_launcher_env() -> None:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT as the launcher exported them, or
+    derived for an srun task or a lone process. A job's first step: a SLURM node list that does not
+    resolve is reported at once, before any other work."""
+    if "RANK" not in os.environ:
+        os.environ.update(_srun_task_env() if "SLURM_STEP_ID" in os.environ else _single_process_env())
+
+
 def init_distributed(device: str = "auto", deepspeed_comm: bool = True,
                      collective_timeout: float | None = None) -> Dist:
     """Join the process group set up by torchrun / the deepspeed launcher / srun (or run alone).
@@ -131,8 +139,7 @@ def init_distributed(device: str = "auto", deepspeed_comm: bool = True,
     engine (evaluation): no DeepSpeed import, no communication op to build.
     ``collective_timeout`` (seconds) bounds every collective (torch's default: 30 min for gloo, 10 for NCCL).
     """
-    if "RANK" not in os.environ:
-        os.environ.update(_srun_task_env() if "SLURM_STEP_ID" in os.environ else _single_process_env())
+    adopt_launcher_env()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = choose_device(device, local_rank)

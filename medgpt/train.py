@@ -37,7 +37,7 @@ from medgpt.checkpoint import (
 )
 from medgpt.config import Config, DataConfig
 from medgpt.data import ResumableDistributedSampler, eval_loader, to_device, train_loader, training_data
-from medgpt.distributed import Dist, exit_on_collective_timeout, init_distributed
+from medgpt.distributed import Dist, adopt_launcher_env, exit_on_collective_timeout, init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from medgpt.errors import TrainingDiverged, UserError, check_all, launch_rank
 from medgpt.evaluate import evaluate_records, metric_scalars, write_results
@@ -232,6 +232,7 @@ def train(cfg: Config) -> None:
     # --- Everything that can be wrong with the input is checked before anything is written to output_dir
     # (the data cache below is written first: the number of packed rows sets the step count).
     # Independent checks all run, and every problem is reported together; then those that need their results.
+    adopt_launcher_env()
     raw_ds_config, records, model_config, tokenizer, resume_from, _ = check_all(
         lambda: load_ds_config(t.ds_config), lambda: load_records(cfg.data.data),
         lambda: check_model_shape(load_model_config(cfg.model), cfg.data.seq_len), lambda: load_tokenizer(cfg.model),

@@ -161,8 +161,8 @@ def test_sbatch_unresolvable_nodelist(slurm_env):
 
 @pytest.mark.slurm
 def test_srun_task_unresolvable_nodelist(slurm_env, tmp_path):
-    env = {**slurm_env, **FAKE_JOB, "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
-           "SLURM_LOCALID": "1"}
+    env = {**slurm_env, **FAKE_JOB, "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "2",
+           "SLURM_LOCALID": "0"}
     proc = subprocess.run([sys.executable, TRAIN_PY, "--output_dir", str(tmp_path / "out")], cwd=REPO, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
