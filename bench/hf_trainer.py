@@ -148,6 +148,9 @@ def main() -> None:
     trainer = MeteredTrainer(model=model, args=args, train_dataset=train_set, meter=meter,
                              data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
     trainer.train()
+    # A gloo group left open at interpreter exit can abort it ("terminate called without an active
+    # exception", exit -6) once the other rank has gone: close it, as medgpt's own jobs do.
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -132,7 +132,19 @@ def run_cli(main: Callable[[], None]) -> None:
         main()
     except Failure as err:
         report(err.problems, launch_rank())
+        _close_process_group()
         sys.exit(err.exit_code)
+    except SystemExit:  # a stop after saving (PREEMPTED_EXIT)
+        _close_process_group()
+        raise
+
+
+def _close_process_group() -> None:
+    """A gloo group left open at interpreter exit can abort it ("terminate called without an active
+    exception", exit -6 instead of the code meant). Only where torch was imported: --help stays light."""
+    torch_dist = sys.modules.get("torch.distributed")
+    if torch_dist is not None and torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def report(problems: list[str], rank: int) -> None:
