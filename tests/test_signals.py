@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +42,18 @@ def seconds_until_gone(pids: set[int], start: float, bound: float) -> float:
     return time.monotonic() - start
 
 
+def fault_and_wait(proc: subprocess.Popen, out: Path, fault: Callable[[], None],
+                   bound: float) -> tuple[set[int], float, float]:
+    """After the run's first step, apply ``fault``; return the run's processes before it, and the
+    seconds until the launcher exits and until none of them is left (each asserted under ``bound``)."""
+    wait_for_first_step(proc, out)
+    pids = run_pids(out)
+    start = time.monotonic()
+    fault()
+    proc.wait(timeout=bound)
+    return pids, time.monotonic() - start, seconds_until_gone(pids, start, bound)
+
+
 @pytest.mark.parametrize("launcher, sig, whole_group, caller_sees", [
     # The `deepspeed` command has no handler for a local launch: SIGTERM kills it at once (143 in a
     # shell); the ranks notice, save and exit 75, and launch.py follows them.
@@ -54,17 +69,9 @@ def test_stop_signal_saves_exits_and_resumes_bit_exact(launcher, sig, whole_grou
                                                        reference_args, two_rank_reference):
     out = tmp_path / "run"
     with running(reference_args(out), tmp_path / "log", launcher=launcher, nproc=2) as proc:
-        wait_for_first_step(proc, out)
-        pids = run_pids(out)
-        assert len(pids) == (4 if launcher == "deepspeed" else 3)  # launcher(s) and 2 ranks
-        start = time.monotonic()
-        if whole_group:
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)
-        proc.wait(timeout=STOP_BOUND_S)
-        launcher_s = time.monotonic() - start
-        all_s = seconds_until_gone(pids, start, STOP_BOUND_S)
+        send = (lambda: os.killpg(proc.pid, sig)) if whole_group else (lambda: proc.send_signal(sig))
+        pids, launcher_s, all_s = fault_and_wait(proc, out, send, STOP_BOUND_S)
+    assert len(pids) == (4 if launcher == "deepspeed" else 3)  # launcher(s) and 2 ranks
     log = (tmp_path / "log").read_text()
     print(f"{launcher} {sig.name}: caller sees {proc.returncode} after {launcher_s:.1f} s, "
           f"no process left after {all_s:.1f} s")
@@ -82,13 +89,8 @@ def test_stopped_rank_ends_the_job(launcher, caller_sees, tmp_path, data_cache):
     out = tmp_path / "run"
     args = tiny_args(out, data_cache, max_steps=1000, eval_every=0, collective_timeout=STALL_TIMEOUT_S)
     with running(args, tmp_path / "log", launcher=launcher, nproc=2) as proc:
-        wait_for_first_step(proc, out)
-        pids = run_pids(out)
-        os.kill(rank_pid(out, 1), signal.SIGSTOP)
-        start = time.monotonic()
-        proc.wait(timeout=STALL_BOUND_S)
-        launcher_s = time.monotonic() - start
-        all_s = seconds_until_gone(pids, start, STALL_BOUND_S)
+        _, launcher_s, all_s = fault_and_wait(proc, out, lambda: os.kill(rank_pid(out, 1), signal.SIGSTOP),
+                                              STALL_BOUND_S)
     log = (tmp_path / "log").read_text()
     print(f"{launcher} stopped rank: caller sees {proc.returncode} after {launcher_s:.1f} s, "
           f"no process left after {all_s:.1f} s")
@@ -103,12 +105,7 @@ def test_killed_rank_ends_the_job(launcher, tmp_path, data_cache):
     out = tmp_path / "run"
     with running(tiny_args(out, data_cache, max_steps=1000, eval_every=0), tmp_path / "log", launcher=launcher,
                  nproc=2) as proc:
-        wait_for_first_step(proc, out)
-        pids = run_pids(out)
-        os.kill(rank_pid(out, 1), signal.SIGKILL)
-        start = time.monotonic()
-        proc.wait(timeout=STOP_BOUND_S)
-        all_s = seconds_until_gone(pids, start, STOP_BOUND_S)
+        _, _, all_s = fault_and_wait(proc, out, lambda: os.kill(rank_pid(out, 1), signal.SIGKILL), STOP_BOUND_S)
     print(f"{launcher} killed rank: caller sees {proc.returncode}, no process left after {all_s:.1f} s")
     assert proc.returncode != 0
 
