@@ -17,7 +17,7 @@ def parser() -> CliParser:
 
 def main(argv: list[str]) -> None:
     request = parse_request(EvalRequest, parser(), argv)
-    from medgpt.eval_job import run_evaluation  # imports torch (seconds): bad flags are reported before it
+    from medgpt.evaluate import run_evaluation  # imports torch (seconds): bad flags are reported before it
 
     run_evaluation(request)
 

@@ -10,10 +10,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from medgpt.config import ModelConfig
 from medgpt.distributed import choose_device
 from medgpt.errors import UserError
-from medgpt.evaluate import decision_probabilities, decision_token_ids
 from medgpt.model import load_saved_model, load_tokenizer
 from medgpt.prompt import encode_example
 from medgpt.pubmedqa import DECISIONS
+from medgpt.scoring import decision_probabilities, decision_token_ids
 
 
 def check_question(question: str) -> None:

@@ -40,17 +40,17 @@ from medgpt.data import ResumableDistributedSampler, eval_loader, to_device, tra
 from medgpt.distributed import Dist, adopt_launcher_env, exit_on_collective_timeout, init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from medgpt.errors import TrainingDiverged, UserError, check_all, launch_rank
-from medgpt.evaluate import evaluate_records, metric_scalars, write_results
 from medgpt.export import export_checkpoint
 from medgpt.loss import count_label_tokens, label_loss_sum
 from medgpt.lr_schedule import warmup_cosine
-from medgpt.metrics import MetricsLogger
 from medgpt.model import build_model, check_model_shape, load_model_config, load_tokenizer
 from medgpt.outputs import check_output_dir
 from medgpt.preemption import PREEMPTED_EXIT, StopRequest, watch_deepspeed_launcher
 from medgpt.pubmedqa import Record, load_records, official_split
 from medgpt.safe_load import check_checkpoint_files
+from medgpt.scoring import evaluate_records, metric_scalars, write_results
 from medgpt.throughput import ThroughputWindow, console_summary, device_peak, peak_memory_bytes, step_flops, use_tf32
+from medgpt.tracking import MetricsLogger
 
 # What a run does after its last step, in order, and the files each part leaves in output_dir.
 END_PARTS = {"test": ("test_metrics.json", "test_predictions.json"), "export": ("export",)}

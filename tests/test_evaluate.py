@@ -10,14 +10,14 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 from conftest import GROUND_TRUTH, ORI_JSON, REPO, TINY_MODEL, TOKENIZER, check_ok, launch, read_scalars, tiny_args
-from medgpt.answer_metrics import answer_metrics, majority_label
 from medgpt.data import collate
-from medgpt.evaluate import parse_decision
 from medgpt.inference import answer_question
 from medgpt.loss import count_label_tokens, label_loss_sum
+from medgpt.metrics import answer_metrics, majority_label
 from medgpt.model import load_saved_model
 from medgpt.prompt import answer_text, encode_example
 from medgpt.pubmedqa import load_records, official_split
+from medgpt.scoring import parse_decision
 
 EVALUATE_PY, GENERATE_PY = str(REPO / "launcher" / "evaluate.py"), str(REPO / "launcher" / "generate.py")
 SEQ_LEN = 384
