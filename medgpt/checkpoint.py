@@ -27,7 +27,7 @@ import random
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from deepspeed.checkpoint.constants import (
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from medgpt.adam_replay import replay_cpu_adam_steps
+from medgpt.config import Config
 from medgpt.distributed import Dist
 from medgpt.errors import UserError
 
@@ -59,6 +60,57 @@ class TrainState:
     epoch: int = 0
     consumed: int = 0  # global samples of this epoch already trained on
 
+    # --select_best: the best dev score so far, the step whose checkpoint holds it, and the
+    # evaluations since (--early_stop counts them). A resume continues the selection.
+    best_score: float | None = None
+    best_step: int = 0
+    evals_since_best: int = 0
+
+    def finished(self, total_steps: int, early_stop: int) -> bool:
+        """All steps done, or --early_stop evaluations in a row without improvement (a rerun with a
+        larger --early_stop continues)."""
+        return self.step >= total_steps or 0 < early_stop <= self.evals_since_best
+
+    def record_eval(self, score: float, lower_is_better: bool) -> bool:
+        """Count one evaluation of the selected dev metric at this step; True: a new best (ties
+        keep the earlier step)."""
+        best = self.best_score
+        if best is None or (score < best if lower_is_better else score > best):
+            self.best_score, self.best_step, self.evals_since_best = score, self.step, 0
+            return True
+        self.evals_since_best += 1
+        return False
+
+    def advance(self, global_batch: int, steps_per_epoch: int) -> None:
+        """One optimizer step's samples consumed (applied or skipped), rolling over to the next epoch."""
+        self.consumed += global_batch
+        if self.consumed // global_batch >= steps_per_epoch:
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+
+@dataclass
+class CheckpointMeta:
+    """``<tag>/medgpt.json``: what a resume, a reshard and an export need to know about a tag,
+    readable without torch and before any rank loads it."""
+    config: Config  # the run's config as the user gave it
+    model_config: dict[str, Any]  # the GPT2Config: an export rebuilds the model from it
+    model_shape: dict[str, Any]  # the fields that fix parameter shapes (see check_same_model)
+    global_batch: int  # rows per optimizer step: a resume on another world size keeps it
+    zero_stage: int
+    # The wrapper DeepSpeed put around the optimizer decides the files' layout (medgpt/export.py).
+    optimizer: str = ""  # "": a checkpoint from before it was recorded
+    world_size: int = 1
+    train_state: TrainState = field(default_factory=TrainState)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> CheckpointMeta:
+        known = {f.name for f in dataclasses.fields(cls)} - {"config", "train_state"}
+        return cls(config=Config.from_dict(saved["config"]), train_state=TrainState(**saved["train_state"]),
+                   **{k: v for k, v in saved.items() if k in known})
+
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
@@ -66,6 +118,11 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 def _tag(step: int) -> str:
     return f"step{step}"
+
+
+def step_dir(output_dir: str | Path, step: int) -> Path:
+    """The tag folder of a step's checkpoint."""
+    return checkpoint_root(output_dir) / _tag(step)
 
 
 def _capture_rng() -> dict[str, Any]:
@@ -92,7 +149,7 @@ def model_shape(config: PretrainedConfig) -> dict[str, Any]:
     return {k: getattr(config, k, None) for k in SHAPE_FIELDS}
 
 
-def save_checkpoint(engine: Any, output_dir: str | Path, state: TrainState, meta: dict[str, Any],
+def save_checkpoint(engine: Any, output_dir: str | Path, state: TrainState, meta: CheckpointMeta,
                     tokenizer: PreTrainedTokenizerBase, dist: Dist, keep_last: int) -> Path:
     """Collective: every rank must call it. Returns the tag folder."""
     root = checkpoint_root(output_dir)
@@ -107,13 +164,13 @@ def save_checkpoint(engine: Any, output_dir: str | Path, state: TrainState, meta
     torch.save(_capture_rng(), _rng_file(tag_dir, dist.rank, mkdir=True))
     if dist.is_main:
         tokenizer.save_pretrained(str(tag_dir / "tokenizer"))
-        full_meta = {**meta, "train_state": dataclasses.asdict(state), "world_size": dist.world_size}
-        (tag_dir / META_FILE).write_text(json.dumps(full_meta, indent=2))
+        tag_meta = dataclasses.replace(meta, train_state=state, world_size=dist.world_size)
+        (tag_dir / META_FILE).write_text(json.dumps(tag_meta.to_dict(), indent=2))
     dist.barrier()  # every rank's files are complete before the manifest lists them
     if dist.is_main:
         _write_manifest(tag_dir)
         _write_atomically(root / LATEST_FILE, tag)
-        _prune(root, keep_last)
+        _prune(root, keep_last, keep=_tag(state.best_step) if state.best_step else None)
     dist.barrier()
     return tag_dir
 
@@ -198,13 +255,14 @@ def step_tags(root: Path) -> list[Path]:
     return sorted(tags, key=lambda p: int(p.name[4:]), reverse=True)
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest keep_last checkpoints (0 keeps all)."""
+def _prune(root: Path, keep_last: int, keep: str | None) -> None:
+    """Delete all but the newest keep_last checkpoints (0 keeps all), ``latest`` and ``keep`` (the
+    --select_best one)."""
     if keep_last <= 0:
         return
     latest = (root / LATEST_FILE).read_text().strip()
     for old in step_tags(root)[keep_last:]:
-        if old.name != latest:
+        if old.name not in (latest, keep):
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(universal_dir(old), ignore_errors=True)
 
@@ -266,17 +324,17 @@ def resolve_checkpoint(given: str | Path, flag: str) -> Path:
     return path
 
 
-def read_meta(tag_dir: Path) -> dict[str, Any]:
+def read_meta(tag_dir: Path) -> CheckpointMeta:
     try:
-        return json.loads((tag_dir / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        return CheckpointMeta.from_dict(json.loads((tag_dir / META_FILE).read_text()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise UserError(f"checkpoint '{tag_dir}' is incomplete or damaged ({err}); resume from "
                         "another one or start with --resume none") from None
 
 
-def check_same_model(meta: dict[str, Any], config: PretrainedConfig, tag_dir: Path) -> None:
+def check_same_model(meta: CheckpointMeta, config: PretrainedConfig, tag_dir: Path) -> None:
     """Refuse a checkpoint of another model shape or vocabulary, before any rank loads it."""
-    saved, current = meta["model_shape"], model_shape(config)
+    saved, current = meta.model_shape, model_shape(config)
     diffs = [f"{k}: checkpoint {saved.get(k)} vs model {current[k]}"
              for k in SHAPE_FIELDS if saved.get(k) != current[k]]
     if diffs:
@@ -324,4 +382,4 @@ def load_checkpoint(engine: Any, tag_dir: Path, dist: Dist) -> TrainState:
     rng = _rng_file(tag_dir, dist.rank)
     if rng.is_file():  # absent when this rank did not exist in the saving run
         _restore_rng(torch.load(rng, weights_only=True))
-    return TrainState(**read_meta(tag_dir)["train_state"])
+    return read_meta(tag_dir).train_state

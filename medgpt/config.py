@@ -20,6 +20,7 @@ from medgpt.errors import CliParser, UserError
 HUB_DATASET = "qiaojin/PubMedQA"
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cuda", "cpu")
+SELECT_BEST = ("none", "macro_f1", "accuracy", "loss")  # loss: the dev answer-token loss, lower is better
 
 
 @dataclass
@@ -73,7 +74,11 @@ class TrainConfig:
     eval_every: int = arg(0, help="held-out loss every N steps (0: only at the end)")
     log_every: int = arg(1, help="log training metrics every N steps")
     save_every: int = arg(0, help="checkpoint every N steps (0: only at the end)")
-    keep_last: int = arg(2, help="checkpoints kept (0: all)")
+    keep_last: int = arg(2, help="checkpoints kept (0: all); the --select_best one is kept besides")
+    # Dev scores come from --eval_every; the best checkpoint is saved when it is found.
+    select_best: str = arg("none", choices=SELECT_BEST, help="score the test set and export from the checkpoint "
+                           "with the best dev score of this metric; none: the final weights")
+    early_stop: int = arg(0, help="with --select_best: stop after N evaluations without improvement (0: never)")
     resume: str = arg("auto", help="auto (the latest checkpoint in output_dir, if any), none, or a checkpoint path")
     peak_tflops: float = arg(0.0, help="per-device peak TFLOPS for perf/mfu; 0: the GPU datasheet table, "
                              "else a timed matmul")
@@ -100,6 +105,17 @@ class Config:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, dict[str, Any]]) -> Config:
+        """The config a checkpoint or run folder recorded (``to_dict``'s output). A field the
+        recording medgpt did not have takes today's default; one it had that is gone is dropped,
+        so runs of older and newer versions stay readable."""
+        sections = {}
+        for name, section in SECTIONS.items():
+            known = {f.name for f in dataclasses.fields(section)}
+            sections[name] = section(**{k: v for k, v in saved.get(name, {}).items() if k in known})
+        return cls(**sections)
 
     def validate(self) -> None:
         """Check every field once; report all problems together."""
@@ -134,6 +150,11 @@ class Config:
         for name in ("stop_timeout", "collective_timeout"):
             if not 0 < getattr(t, name) < math.inf:
                 problems.append(f"{name} must be a finite number of seconds > 0 (got {getattr(t, name)})")
+        if t.select_best != "none" and t.eval_every == 0:
+            problems.append(f"select_best {t.select_best} needs dev scores during training: set --eval_every N")
+        if t.early_stop < 0 or (t.early_stop and t.select_best == "none"):
+            problems.append(f"early_stop must be >= 0 and needs --select_best, the dev metric it watches "
+                            f"(got {t.early_stop})")
         if t.epochs == 0 and t.max_steps == 0:
             problems.append("set epochs or max_steps to more than 0")
         if not 0 <= d.fold <= 9:

@@ -98,9 +98,11 @@ def _default_optimizer_kernel(optimizer: dict[str, Any], zero: dict[str, Any], o
 
 
 def resolve_ds_config(raw: dict[str, Any], cfg: Config, world_size: int, total_steps: int,
-                      hidden_size: int, on_gpu: bool) -> dict[str, Any]:
-    """A complete DeepSpeed config for this run. Every problem is reported at once."""
+                      hidden_size: int, on_gpu: bool, grad_accum: int | None = None) -> dict[str, Any]:
+    """A complete DeepSpeed config for this run. Every problem is reported at once. ``grad_accum``:
+    the accumulation the run uses, when a resume changed cfg's (medgpt/resume.py)."""
     t, o = cfg.train, cfg.optim
+    accum = grad_accum or t.grad_accum
     if t.precision == "fp16" and not on_gpu:
         raise UserError("precision fp16 needs a GPU (DeepSpeed's fp16 loss scaling is CUDA-only); "
                         "use --precision bf16 or fp32 on CPU")
@@ -109,9 +111,9 @@ def resolve_ds_config(raw: dict[str, Any], cfg: Config, world_size: int, total_s
     fill = functools.partial(_fill, ds, problems)
 
     fill("train_micro_batch_size_per_gpu", t.micro_batch_size, "micro_batch_size")
-    fill("gradient_accumulation_steps", t.grad_accum, "grad_accum")
-    fill("train_batch_size", t.micro_batch_size * t.grad_accum * world_size,
-         f"micro_batch_size x grad_accum x world size ({t.micro_batch_size} x {t.grad_accum} x {world_size})")
+    fill("gradient_accumulation_steps", accum, "grad_accum")
+    fill("train_batch_size", t.micro_batch_size * accum * world_size,
+         f"micro_batch_size x grad_accum x world size ({t.micro_batch_size} x {accum} x {world_size})")
     fill("gradient_clipping", o.grad_clip, "grad_clip")
     fill("bf16.enabled", t.precision == "bf16", f"precision={t.precision}")
     fill("fp16.enabled", t.precision == "fp16", f"precision={t.precision}")

@@ -27,15 +27,15 @@ MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0's full module state
 def fp32_state_dict(tag_dir: Path, config: GPT2Config) -> dict[str, torch.Tensor]:
     """The full fp32 weights of a checkpoint, consolidated by DeepSpeed."""
     meta = read_meta(tag_dir)
-    if meta["zero_stage"] > 0:
+    if meta.zero_stage > 0:
         # DeepSpeed's readers load with weights_only=False: every file is checked first (medgpt/safe_load.py).
         check_checkpoint_files(tag_dir)
-        if meta.get("optimizer") == "BF16_Optimizer":
+        if meta.optimizer == "BF16_Optimizer":
             return _universal_fp32(tag_dir)
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     # ZeRO-0: DeepSpeed saved the full module state, with the optimizer's in the same file.
     states = load_weights(tag_dir / MODEL_STATES)
-    if meta["config"]["train"]["precision"] == "fp32":
+    if meta.config.train.precision == "fp32":
         return {k: v.float() for k, v in states["module"].items()}
     return _zero0_fp32_masters(states["optimizer"], config)
 
@@ -76,7 +76,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "
     tag_dir = resolve_checkpoint(checkpoint, "--checkpoint")  # verified against its manifest
     output = Path(output)
     check_new_output_dir(output, "export folder")
-    config = GPT2Config.from_dict(read_meta(tag_dir)["model_config"])
+    config = GPT2Config.from_dict(read_meta(tag_dir).model_config)
     state = fp32_state_dict(tag_dir, config)
     # The plain constructor, not from_config: inside a ZeRO-3 run (a live HfDeepSpeedConfig)
     # from_config would build under zero.Init, a collective that rank 0 alone would hang in.

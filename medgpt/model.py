@@ -77,8 +77,12 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str, Any], seed: int) -> PreTrainedModel:
-    """The model to train, identical on every rank and for every ZeRO stage.
+def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str, Any],
+                seed: int) -> tuple[PreTrainedModel, HfDeepSpeedConfig]:
+    """The model to train, identical on every rank and for every ZeRO stage, and the
+    HfDeepSpeedConfig that must stay alive as long as the model is used: transformers holds it by
+    weak reference (integrations/deepspeed.py) to load pretrained weights inside zero.Init and to
+    keep ZeRO-3 ranks in step when generating.
 
     A random init is built whole on each rank and partitioned by DeepSpeed at initialize:
     under zero.Init transformers draws the same distributions in another RNG order, so the
@@ -87,16 +91,18 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str,
     through transformers' DeepSpeed integration, so no rank ever holds the whole model.
     """
     transformers.set_seed(seed)
-    if _is_config_file(cfg.model):
-        model = AutoModelForCausalLM.from_config(config)
-    else:
-        hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers reads it while loading)
+    random_init = _is_config_file(cfg.model)
+    # A random init is built before the HfDeepSpeedConfig exists: with one alive, from_config would
+    # build under zero.Init; from_pretrained needs it alive to.
+    model = AutoModelForCausalLM.from_config(config) if random_init else None
+    hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
+    if not random_init:
         model = AutoModelForCausalLM.from_pretrained(cfg.model, config=config)
     if cfg.activation_checkpointing:
         # transformers' default: non-reentrant torch checkpointing of every block, which works with
         # ZeRO-3's gathered parameters.
         model.activation_checkpointing_enable()
-    return model
+    return model, hf_deepspeed_config
 
 
 def check_model_folder(folder: str) -> None:

@@ -6,54 +6,45 @@ those tokens, so a step means the same thing whatever the world size or accumula
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import deepspeed
 import torch
-import yaml
 from tqdm import tqdm
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
-from transformers.integrations import HfDeepSpeedConfig
 
-from medgpt.checkpoint import (
-    TrainState,
-    check_same_model,
-    checkpoint_root,
-    convert_to_universal,
-    find_checkpoint,
-    load_checkpoint,
-    mark_finished,
-    model_shape,
-    read_finished,
-    read_meta,
-    save_checkpoint,
-    universal_dir,
-)
-from medgpt.config import Config, DataConfig
-from medgpt.data import ResumableDistributedSampler, eval_loader, to_device, train_loader, training_data
-from medgpt.distributed import Dist, adopt_launcher_env, exit_on_collective_timeout, init_distributed
-from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
-from medgpt.errors import TrainingDiverged, UserError, check_all, launch_rank
+from medgpt.checkpoint import TrainState, convert_to_universal, load_checkpoint, mark_finished, step_dir
+from medgpt.config import Config, TrainConfig
+from medgpt.data import to_device
+from medgpt.distributed import Dist, exit_on_collective_timeout, init_distributed
+from medgpt.errors import TrainingDiverged
 from medgpt.export import export_checkpoint
 from medgpt.loss import count_label_tokens, label_loss_sum
-from medgpt.lr_schedule import warmup_cosine
-from medgpt.model import build_model, check_model_shape, load_model_config, load_tokenizer
-from medgpt.outputs import check_output_dir
 from medgpt.preemption import PREEMPTED_EXIT, StopRequest, watch_deepspeed_launcher
-from medgpt.pubmedqa import Record, load_records, official_split
-from medgpt.safe_load import check_checkpoint_files
+from medgpt.pubmedqa import Record
+from medgpt.resume import ResumePlan, plan_resume
 from medgpt.scoring import evaluate_records, metric_scalars, write_results
-from medgpt.throughput import ThroughputWindow, console_summary, device_peak, peak_memory_bytes, step_flops, use_tf32
+from medgpt.startup import (
+    Data,
+    Engine,
+    build_data,
+    build_engine,
+    check_inputs,
+    peak_tflops_total,
+    resolve_run_ds_config,
+    write_run_files,
+)
+from medgpt.throughput import ThroughputWindow, console_summary, peak_memory_bytes, step_flops
 from medgpt.tracking import MetricsLogger
 
-# What a run does after its last step, in order, and the files each part leaves in output_dir.
-END_PARTS = {"test": ("test_metrics.json", "test_predictions.json"), "export": ("export",)}
+BEST_FILE = "best.json"  # in output_dir: the --select_best checkpoint, its step and dev score
 
 
 @dataclass
@@ -144,7 +135,18 @@ def evaluate_loss(engine: deepspeed.DeepSpeedEngine, loader: torch.utils.data.Da
     return total / max(n, 1.0)
 
 
-def check_step(stats: StepStats, step: int, precision: str, skipped_in_a_row: int, max_skipped: int,
+@dataclass
+class SkipCount:
+    """Steps whose update DeepSpeed skipped (an fp16 loss-scale overflow)."""
+    total: int = 0
+    in_a_row: int = 0
+
+    def add(self, applied: bool) -> None:
+        self.total += not applied
+        self.in_a_row = 0 if applied else self.in_a_row + 1
+
+
+def check_step(stats: StepStats, step: int, precision: str, skips: SkipCount, max_skipped: int,
                last_checkpoint: Path | None, lr: float) -> None:
     """Stop a run that trains garbage: a non-finite loss or gradient norm, or (fp16) a loss
     scale that overflows step after step. Every rank decides alike: the values are global."""
@@ -157,45 +159,10 @@ def check_step(stats: StepStats, step: int, precision: str, skipped_in_a_row: in
         raise TrainingDiverged(f"training diverged at step {step}: loss {stats.loss:.4g}, gradient norm {norm} "
                                f"at lr {lr:.3g}. A learning rate too high is the usual cause (lower --lr or raise "
                                f"--warmup_steps), else a broken sample in the data; {kept}. Nothing was exported.")
-    if skipped_in_a_row >= max_skipped:
-        raise TrainingDiverged(f"fp16 loss scaling skipped {skipped_in_a_row} steps in a row up to step {step}: the "
+    if skips.in_a_row >= max_skipped:
+        raise TrainingDiverged(f"fp16 loss scaling skipped {skips.in_a_row} steps in a row up to step {step}: the "
                                f"gradients overflow at every loss scale. Use --precision bf16, lower --lr, or raise "
                                f"--max_skipped_steps; {kept}. Nothing was exported.")
-
-
-def _accumulation_for(saved: dict, micro_batch_size: int, world_size: int) -> int:
-    """Accumulation that keeps a resumed run's global batch equal to the checkpoint's."""
-    global_batch = saved["global_batch"]
-    accum, rest = divmod(global_batch, micro_batch_size * world_size)
-    if rest or accum == 0:
-        raise UserError(f"the checkpoint's global batch {global_batch} is not micro_batch_size x world size "
-                        f"({micro_batch_size} x {world_size}) times a whole accumulation; pick a micro_batch_size "
-                        "that divides it")
-    return accum
-
-
-def _check_same_packing(saved: dict, data: DataConfig, tag_dir: Path) -> None:
-    """A checkpoint's data position counts packed rows or samples, and packs depend on seq_len:
-    the position means nothing with another setting."""
-    was = saved["config"]["data"].get("packing", False)  # checkpoints from before packing: off
-    on_off = {True: "on", False: "off"}
-    if was != data.packing:
-        raise UserError(f"checkpoint '{tag_dir}' was trained with --packing {on_off[was]}, this run asks for "
-                        f"--packing {on_off[data.packing]}; its position in the epoch only holds with the same "
-                        f"setting: resume with --packing {on_off[was]}, or start fresh in another --output_dir")
-    if data.packing and saved["config"]["data"]["seq_len"] != data.seq_len:
-        raise UserError(f"checkpoint '{tag_dir}' packed its samples into rows of seq_len "
-                        f"{saved['config']['data']['seq_len']}, this run asks for {data.seq_len}; its position in "
-                        "the epoch only holds for the same packs: resume with the same --seq_len, or start fresh "
-                        "in another --output_dir")
-
-
-def _unfinished_parts(final: Path, output_dir: Path) -> list[str]:
-    """The end parts still to do for a final checkpoint: those not recorded as completed in it,
-    or whose files are gone from output_dir."""
-    done = read_finished(final)
-    return [part for part, files in END_PARTS.items()
-            if part not in done or not all((output_dir / f).exists() for f in files)]
 
 
 def _score_test(engine: deepspeed.DeepSpeedEngine, tokenizer: PreTrainedTokenizerBase, records: list[Record],
@@ -224,187 +191,138 @@ def _export_final(final: Path, output_dir: Path, dist: Dist) -> None:
         print(f"medgpt: exported {export}", flush=True)
 
 
+def _step_batches(data: Data, state: TrainState, grad_accum: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Each optimizer step's micro-batches, from the state's position on, epoch after epoch (the
+    loop advances the state; a new epoch reshuffles)."""
+    while True:
+        data.sampler.set_epoch(state.epoch, state.consumed)
+        epoch, batches = state.epoch, iter(data.train)
+        while state.epoch == epoch:
+            yield [next(batches) for _ in range(grad_accum)]
+
+
+def _log_step(logger: MetricsLogger | None, bar: tqdm, step: int, stats: StepStats, lr: float,
+              perf: dict[str, float], engine: deepspeed.DeepSpeedEngine, skips: SkipCount) -> None:
+    scalars = {"train/loss": stats.loss, "train/lr": lr, **perf}
+    if stats.grad_norm is not None:
+        scalars["train/grad_norm"] = stats.grad_norm
+    if engine.fp16_enabled():
+        # loss_scale: a property of every wrapper DeepSpeed puts around an fp16 optimizer
+        # (runtime/fp16/fused_optimizer.py:542, unfused_optimizer.py:333, zero/stage_1_and_2.py
+        # :3322, zero/stage3.py:3361); cur_scale exists only on the ZeRO ones.
+        scalars["train/loss_scale"] = float(engine.optimizer.loss_scale)
+        scalars["train/skipped_steps"] = skips.total
+    if logger:
+        logger.log(step, scalars)
+        bar.set_postfix_str(f"loss {stats.loss:.4f} | lr {lr:.2e} | {console_summary(perf)}")
+
+
+def _evaluate_dev(run: Engine, tokenizer: PreTrainedTokenizerBase, data: Data, cfg: Config, dist: Dist,
+                  logger: MetricsLogger | None, bar: tqdm) -> None:
+    """Held-out loss and answer accuracy / macro-F1 on the dev fold (log-likelihood scoring; all
+    ranks), and with --select_best a checkpoint whenever the selected score improves."""
+    engine, state, t = run.engine, run.state, cfg.train
+    eval_loss = evaluate_loss(engine, data.dev, dist)
+    dev = evaluate_records(engine, tokenizer, data.dev_records, dist, cfg.data.seq_len, t.eval_batch_size)
+    if logger:
+        logger.log(state.step, {"eval/loss": eval_loss, **metric_scalars(dev, "eval")})
+        bar.write(f"step {state.step}: eval loss {eval_loss:.4f}, accuracy {dev.metrics['accuracy']:.3f}, "
+                  f"macro-F1 {dev.metrics['macro_f1']:.3f}")
+    if t.select_best == "none":
+        return
+    score = eval_loss if t.select_best == "loss" else dev.metrics[t.select_best]
+    if state.record_eval(score, lower_is_better=t.select_best == "loss"):
+        run.save()
+        if logger:
+            logger.log(state.step, {"best/step": state.step, f"best/{t.select_best}": score})
+    elif t.early_stop and state.evals_since_best >= t.early_stop and dist.is_main:
+        bar.write(f"medgpt: early stop: dev {t.select_best} has not improved on {state.best_score:.4f} (step "
+                  f"{state.best_step}) in {state.evals_since_best} evaluations")
+
+
+def _final_checkpoint(run: Engine, plan: ResumePlan, t: TrainConfig, dist: Dist) -> Path:
+    """The checkpoint the test scoring and the export use, its weights in the engine: the last
+    step's, or --select_best's."""
+    # A finished run completing its test scoring resumed at its last step: its checkpoint is the last one.
+    last = run.save() if run.state.step > plan.step else plan.checkpoint
+    state = run.state
+    if t.select_best == "none" or state.best_step == 0:
+        return last
+    best = step_dir(t.output_dir, state.best_step)
+    if state.best_step != state.step:
+        load_checkpoint(run.engine, convert_to_universal(best, dist) if plan.reshard else best, dist)
+    if dist.is_main:
+        choice = {"metric": t.select_best, "score": state.best_score, "step": state.best_step, "checkpoint": str(best)}
+        (Path(t.output_dir) / BEST_FILE).write_text(json.dumps(choice, indent=2))
+        print(f"medgpt: --select_best {t.select_best}: scoring and exporting step {state.best_step} "
+              f"(dev {t.select_best} {state.best_score:.4f})", flush=True)
+    return best
+
+
+def _save_and_exit(save: Callable[[], Path], stop_request: StopRequest, step: int, dist: Dist, bar: tqdm) -> NoReturn:
+    """A stop signal reached some rank: checkpoint, and exit so the job is requeued and resumes."""
+    save()
+    if dist.is_main:
+        bar.write(f"medgpt: stop requested ({stop_request.signal_name or 'on another rank'}): saved step {step}, "
+                  f"exiting with {PREEMPTED_EXIT} so the job can be requeued and resume")
+    raise SystemExit(PREEMPTED_EXIT)
+
+
 def train(cfg: Config) -> None:
     t = cfg.train
     stop_request = StopRequest(t.stop_timeout)  # first: a signal that arrives during start-up is not lost
     watch_deepspeed_launcher()
-
-    # --- Everything that can be wrong with the input is checked before anything is written to output_dir
-    # (the data cache below is written first: the number of packed rows sets the step count).
-    # Independent checks all run, and every problem is reported together; then those that need their results.
-    adopt_launcher_env()
-    raw_ds_config, records, model_config, tokenizer, resume_from, _ = check_all(
-        lambda: load_ds_config(t.ds_config), lambda: load_records(cfg.data.data),
-        lambda: check_model_shape(load_model_config(cfg.model), cfg.data.seq_len), lambda: load_tokenizer(cfg.model),
-        lambda: find_checkpoint(t.resume, t.output_dir, report=launch_rank() == 0),
-        lambda: check_output_dir(t.output_dir, "output_dir"))
-    split, _ = check_all(lambda: official_split(records, cfg.data.fold),
-                         lambda: resume_from and check_checkpoint_files(resume_from, universal_dir(resume_from)))
+    inputs = check_inputs(cfg)
     # Only valid input joins the process group (which also leaves DeepSpeed's buffers in /dev/shm).
     dist = init_distributed(t.device, collective_timeout=t.collective_timeout)
-    if resume_from is None and t.resume == "none" and checkpoint_root(t.output_dir).exists():
-        raise UserError(f"output_dir '{t.output_dir}' already holds checkpoints and --resume none would overwrite "
-                        "them; use --resume auto to continue, or another --output_dir")
-    saved = read_meta(resume_from) if resume_from else None
-    if saved:
-        check_same_model(saved, model_config, resume_from)
-        _check_same_packing(saved, cfg.data, resume_from)
-        accum = _accumulation_for(saved, t.micro_batch_size, dist.world_size)
-        if accum != t.grad_accum and dist.is_main:
-            print(f"medgpt: grad_accum {t.grad_accum} -> {accum} keeps the checkpoint's global batch "
-                  f"{saved['global_batch']} on {dist.world_size} rank(s)", flush=True)
-        t.grad_accum = accum
-    # --- Data: tokenized (and packed) once per machine, or ahead by launcher/prepare_data.py.
-    data = training_data(records, split, tokenizer, cfg.data, dist)
-    if dist.is_main:
-        print(f"medgpt: {'reused' if data.reused else 'built'} training data cache {data.cache}", flush=True)
-    global_batch = t.micro_batch_size * t.grad_accum * dist.world_size  # rows: samples, or packs
-    steps_per_epoch = len(data.train) // global_batch
-    if steps_per_epoch == 0:
-        rows = "packed rows" if cfg.data.packing else "questions"
-        raise UserError(f"global batch {global_batch} (micro_batch_size x grad_accum x world size) is larger "
-                        f"than the {len(data.train)} training {rows}; lower micro_batch_size or grad_accum")
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
-    ds_config = resolve_ds_config(raw_ds_config, cfg, dist.world_size, total_steps,
-                                  hidden_size=model_config.n_embd, on_gpu=dist.device.type == "cuda")
-    if dist.is_main and t.precision == "bf16" and zero_stage(ds_config) == 0:
-        print("medgpt: note: ZeRO-0 in bf16 accumulates and all-reduces gradients in bf16 (DeepSpeed keeps fp32 "
-              "accumulation for ZeRO >= 1); ZeRO-1 accumulates in fp32 at about the same memory", flush=True)
-    end_parts = list(END_PARTS)
-    if saved and saved["train_state"]["step"] >= total_steps:
-        # A finished run: only what its end (test scoring, export) left undone.
-        end_parts = _unfinished_parts(resume_from, Path(t.output_dir))
-        if dist.is_main:
-            print(f"medgpt: {resume_from} already finished all {total_steps} steps; "
-                  + (f"completing its {' and '.join(end_parts)}" if end_parts else "nothing to do"), flush=True)
-        if "test" not in end_parts:  # the export needs only the checkpoint's files, not an engine
-            if end_parts:
-                _export_final(resume_from, Path(t.output_dir), dist)
-            return
-    # A ZeRO checkpoint is partitioned per rank: on another world size it loads through
-    # DeepSpeed's universal format.
-    reshard = bool(saved) and saved["world_size"] != dist.world_size and saved["zero_stage"] > 0
-    if reshard:
-        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-
-    pad_id = tokenizer.eos_token_id  # GPT-2 has no pad token; padded positions are masked anyway
-    # Without packing, batches are grouped by length (packed rows are all about seq_len long).
-    lengths = None if cfg.data.packing else [len(ids) for ids in data.train["input_ids"]]
-    sampler = ResumableDistributedSampler(data.train, dist, seed=t.seed, lengths=lengths, global_batch=global_batch)
-    loader = train_loader(data.train, sampler, t.micro_batch_size, pad_id, packed=cfg.data.packing, device=dist.device)
-    dev_loader = eval_loader(data.dev, dist, t.eval_batch_size, pad_id)
-    dev_records, test_records = [records[i] for i in split.dev], [records[i] for i in split.test]
-
-    # --- Model and engine. The HfDeepSpeedConfig stays alive for the whole run: transformers
-    # reads it to keep ZeRO-3 ranks in step when generating.
-    model = build_model(cfg.model, model_config, ds_config, seed=t.seed)
-    hf_deepspeed_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
-    schedule = None if "scheduler" in ds_config else functools.partial(
-        warmup_cosine, warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps,
-        min_ratio=cfg.optim.min_lr_ratio)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
-                                           lr_scheduler=schedule)
-    torch.manual_seed(t.seed + dist.rank)  # dropout masks differ across ranks, reproducibly
-    state = TrainState()
-    if resume_from:
-        state = load_checkpoint(engine, convert_to_universal(resume_from, dist) if reshard else resume_from, dist)
-    start_step = state.step
-    checkpoint_meta = {"global_batch": global_batch, "zero_stage": zero_stage(ds_config),
-                       "model_shape": model_shape(model_config), "model_config": model_config.to_dict(),
-                       "config": cfg.to_dict(),
-                       # The wrapper decides the checkpoint's layout (medgpt/export.py reads it).
-                       "optimizer": type(engine.optimizer).__name__}
-    # The first write to output_dir: a model or engine that fails to build leaves the folder as it was.
+    plan = plan_resume(cfg, inputs.checkpoint, inputs.model_config, dist.world_size, report=dist.is_main)
+    data = build_data(cfg, inputs, plan, dist)
+    ds_config = resolve_run_ds_config(cfg, inputs, plan, data, dist)
     output_dir = Path(t.output_dir)
+    end_parts = plan.end_parts(t, data.total_steps, report=dist.is_main)
+    if "test" not in end_parts:  # a finished run: its export needs only the checkpoint's files, not an engine
+        if end_parts:
+            _export_final(plan.final_checkpoint, output_dir, dist)
+        return
+    run = build_engine(cfg, inputs, plan, ds_config, data.total_steps, dist)
+    engine, state = run.engine, run.state
     if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-
-    use_tf32(dist.device, t.tf32 and t.precision == "fp32")
-    # MFU's denominator: the ranks' peaks summed (measured ones differ a little from rank to rank;
-    # the barrier makes CPU ranks measure side by side, as they will train).
-    dist.barrier()
-    peak = device_peak(dist.device, t.precision, t.peak_tflops)
-    (peak_total,) = dist.all_reduce_sum([peak.tflops])
-    if dist.is_main:
-        print(f"medgpt: MFU against {peak_total / dist.world_size:.4g} TFLOPS per device ({peak.source}) "
-              f"x {dist.world_size} rank(s)", flush=True)
-
-    # A resumed run drops any events the earlier run logged after its checkpoint.
-    # (A fresh start purges from step 1: events of an earlier run that crashed before its first checkpoint.)
+        write_run_files(output_dir, cfg, ds_config)
+    peak_total = peak_tflops_total(cfg, dist)
+    # Drops events an earlier run logged after this checkpoint (or, on a fresh start, before its first one).
     logger = MetricsLogger(output_dir, purge_step=state.step + 1) if dist.is_main else None
-    window = ThroughputWindow()
+    window, skips, last_checkpoint = ThroughputWindow(), SkipCount(), plan.checkpoint
     exit_on_collective_timeout(dist, t.collective_timeout, lambda: state.step)
-    last_checkpoint = resume_from
-    skipped = skipped_in_a_row = 0  # steps whose update DeepSpeed skipped (fp16 loss-scale overflow)
+    batches = _step_batches(data, state, plan.grad_accum)
     # The bar is closed however the loop ends, so an error line never shares the bar's line.
-    with tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not dist.is_main,
+    with tqdm(total=data.total_steps, initial=state.step, desc="train", unit="step", disable=not dist.is_main,
               dynamic_ncols=True) as bar:
-        while state.step < total_steps:
-            sampler.set_epoch(state.epoch, state.consumed)
-            batches = iter(loader)
-            # A step counts once its update is applied, so a skipped one does not eat into the schedule:
-            # DeepSpeed does not advance the LR scheduler either (runtime/engine.py:3540-3550).
-            while state.step < total_steps and state.consumed // global_batch < steps_per_epoch:
-                lr = engine.get_lr()[0]
-                step_start = time.perf_counter()
-                stats = train_step(engine, [next(batches) for _ in range(t.grad_accum)], dist, stop_request.received)
-                state.consumed += global_batch
-                skipped_in_a_row = 0 if stats.applied else skipped_in_a_row + 1
-                skipped += not stats.applied
-                check_step(stats, state.step + 1, t.precision, skipped_in_a_row, t.max_skipped_steps, last_checkpoint,
-                           lr)
-                # MFU counts the time of a skipped step but none of its work: it was thrown away.
-                window.add(time.perf_counter() - step_start, stats.samples, stats.tokens, stats.positions,
-                           stats.flops if stats.applied else 0.0)
-                if not stats.applied:
-                    continue
-                state.step += 1
-                bar.update(1)
-
-                if state.step % t.log_every == 0 or state.step == total_steps:
-                    perf = window.scalars(peak_total, stats.peak_memory)
-                    window = ThroughputWindow()
-                    scalars = {"train/loss": stats.loss, "train/lr": lr, **perf}
-                    if stats.grad_norm is not None:
-                        scalars["train/grad_norm"] = stats.grad_norm
-                    if t.precision == "fp16":
-                        # loss_scale: a property of every wrapper DeepSpeed puts around an fp16 optimizer
-                        # (runtime/fp16/fused_optimizer.py:542, unfused_optimizer.py:333, zero/stage_1_and_2.py
-                        # :3322, zero/stage3.py:3361); cur_scale exists only on the ZeRO ones.
-                        scalars["train/loss_scale"] = float(engine.optimizer.loss_scale)
-                        scalars["train/skipped_steps"] = skipped
-                    if logger:
-                        logger.log(state.step, scalars)
-                        bar.set_postfix_str(f"loss {stats.loss:.4f} | lr {lr:.2e} | {console_summary(perf)}")
-
-                if (t.eval_every and state.step % t.eval_every == 0) or state.step == total_steps:
-                    eval_loss = evaluate_loss(engine, dev_loader, dist)
-                    # Answer accuracy / macro-F1 on the dev fold: log-likelihood scoring, all ranks.
-                    dev = evaluate_records(engine, tokenizer, dev_records, dist, cfg.data.seq_len, t.eval_batch_size)
-                    if logger:
-                        logger.log(state.step, {"eval/loss": eval_loss, **metric_scalars(dev, "eval")})
-                        bar.write(f"step {state.step}: eval loss {eval_loss:.4f}, accuracy "
-                                  f"{dev.metrics['accuracy']:.3f}, macro-F1 {dev.metrics['macro_f1']:.3f}")
-
-                if state.step < total_steps and stats.stop:
-                    save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
-                    if dist.is_main:
-                        bar.write(f"medgpt: stop requested ({stop_request.signal_name or 'on another rank'}): "
-                                  f"saved step {state.step}, exiting "
-                                  f"with {PREEMPTED_EXIT} so the job can be requeued and resume")
-                    raise SystemExit(PREEMPTED_EXIT)
-                if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
-                    last_checkpoint = save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist,
-                                                      t.keep_last)
-            if state.consumed // global_batch >= steps_per_epoch:
-                state.epoch += 1
-                state.consumed = 0
-
-    # A finished run completing its test scoring resumed at its last step: its checkpoint is the final one.
-    final = (save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
-             if state.step > start_step else resume_from)
-    _score_test(engine, tokenizer, test_records, cfg, dist, logger, state.step, final)
+        while not state.finished(data.total_steps, t.early_stop):
+            lr, step_start = engine.get_lr()[0], time.perf_counter()
+            stats = train_step(engine, next(batches), dist, stop_request.received)
+            state.advance(data.global_batch, data.steps_per_epoch)
+            skips.add(stats.applied)
+            check_step(stats, state.step + 1, t.precision, skips, t.max_skipped_steps, last_checkpoint, lr)
+            # MFU counts the time of a skipped step but none of its work: it was thrown away.
+            window.add(time.perf_counter() - step_start, stats.samples, stats.tokens, stats.positions,
+                       stats.flops if stats.applied else 0.0)
+            # A skipped update is no step: DeepSpeed does not advance the LR schedule either (engine.py:3540-3550).
+            if not stats.applied:
+                continue
+            state.step += 1
+            bar.update(1)
+            last = state.step == data.total_steps
+            if state.step % t.log_every == 0 or last:
+                _log_step(logger, bar, state.step, stats, lr, window.scalars(peak_total, stats.peak_memory), engine,
+                          skips)
+                window = ThroughputWindow()
+            if (t.eval_every and state.step % t.eval_every == 0) or last:
+                _evaluate_dev(run, inputs.tokenizer, data, cfg, dist, logger, bar)
+            if stats.stop and not last:
+                _save_and_exit(run.save, stop_request, state.step, dist, bar)
+            if t.save_every and state.step % t.save_every == 0 and not last:
+                last_checkpoint = run.save()
+    final = _final_checkpoint(run, plan, t, dist)
+    _score_test(engine, inputs.tokenizer, data.test_records, cfg, dist, logger, state.step, final)
     if "export" in end_parts:
         _export_final(final, output_dir, dist)

@@ -26,6 +26,7 @@ GROUND_TRUTH = SHARED / "pubmedqa" / "test_ground_truth.json"
 TOKENIZER = SHARED / "gpt2-tokenizer"
 TINY_MODEL = REPO / "configs" / "models" / "tiny.json"
 TRAIN_PY = str(REPO / "launcher" / "train.py")
+EVALUATE_PY = str(REPO / "launcher" / "evaluate.py")
 PROGRAMS = REPO / "tests" / "programs"  # helper programs the tests run in processes of their own
 
 

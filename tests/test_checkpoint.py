@@ -47,7 +47,8 @@ def test_resume_mid_epoch_is_bit_exact(runs, tmp_path, data_cache, stage, stop, 
     assert [s for s, _ in got] == list(range(1, STEPS + 1))  # one point per step, no duplicates
     assert got[stop:] == want[stop:]  # every step after the stop: the same loss bit for bit
     meta = json.loads((resumed / "checkpoints" / "step8" / "medgpt.json").read_text())
-    assert meta["train_state"] == {"step": 8, "epoch": 0, "consumed": 64}  # mid-epoch: 450 questions
+    assert meta["train_state"] == {"step": 8, "epoch": 0, "consumed": 64,  # mid-epoch: 450 questions
+                                   "best_score": None, "best_step": 0, "evals_since_best": 0}
 
 
 @pytest.mark.parametrize("saved_ranks, resumed_ranks", [(2, 1), (1, 2)])

@@ -9,7 +9,18 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
-from conftest import GROUND_TRUTH, ORI_JSON, REPO, TINY_MODEL, TOKENIZER, check_ok, launch, read_scalars, tiny_args
+from conftest import (
+    EVALUATE_PY,
+    GROUND_TRUTH,
+    ORI_JSON,
+    REPO,
+    TINY_MODEL,
+    TOKENIZER,
+    check_ok,
+    launch,
+    read_scalars,
+    tiny_args,
+)
 from medgpt.data import collate
 from medgpt.inference import answer_question
 from medgpt.loss import count_label_tokens, label_loss_sum
@@ -19,7 +30,7 @@ from medgpt.prompt import answer_text, encode_example
 from medgpt.pubmedqa import load_records, official_split
 from medgpt.scoring import parse_decision
 
-EVALUATE_PY, GENERATE_PY = str(REPO / "launcher" / "evaluate.py"), str(REPO / "launcher" / "generate.py")
+GENERATE_PY = str(REPO / "launcher" / "generate.py")
 SEQ_LEN = 384
 
 

@@ -64,7 +64,7 @@ def test_activation_checkpointing_keeps_the_losses(reference, tmp_path, data_cac
 def test_activation_checkpointing_recomputes_every_block(enabled):
     """With the switch on, each block runs its forward again during backward."""
     cfg = ModelConfig(model=str(TINY_MODEL), dropout=0.0, activation_checkpointing=enabled)
-    model = build_model(cfg, load_model_config(cfg), ds_config={}, seed=0).train()
+    model = build_model(cfg, load_model_config(cfg), ds_config={}, seed=0)[0].train()
     calls = []
 
     def counted(forward):

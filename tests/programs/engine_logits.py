@@ -10,7 +10,6 @@ import deepspeed
 import torch
 
 from medgpt.checkpoint import load_checkpoint, read_meta
-from medgpt.config import SECTIONS, Config
 from medgpt.distributed import init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config
 from medgpt.model import build_model, load_model_config
@@ -18,10 +17,10 @@ from medgpt.model import build_model, load_model_config
 dist = init_distributed()
 for tag_dir, out in zip(map(Path, sys.argv[1::2]), map(Path, sys.argv[2::2]), strict=True):
     meta = read_meta(tag_dir)
-    cfg = Config(**{name: SECTIONS[name](**values) for name, values in meta["config"].items()})
+    cfg = meta.config
     model_config = load_model_config(cfg.model)
     ds = resolve_ds_config(load_ds_config(cfg.train.ds_config), cfg, dist.world_size, 8, model_config.n_embd, False)
-    model = build_model(cfg.model, model_config, ds, seed=0)  # another init: the checkpoint must overwrite it
+    model, _hf = build_model(cfg.model, model_config, ds, seed=0)  # another init: the checkpoint must overwrite it
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     load_checkpoint(engine, tag_dir, dist)
     engine.eval()

@@ -33,7 +33,7 @@ cfg.train.precision, cfg.train.micro_batch_size, cfg.train.grad_accum = precisio
 model_config = load_model_config(cfg.model)
 ds_config = resolve_ds_config(load_ds_config(ds_path), cfg, dist.world_size, total_steps=4,
                               hidden_size=model_config.n_embd, on_gpu=False)
-model = build_model(cfg.model, model_config, ds_config, seed=0)
+model, hf_deepspeed_config = build_model(cfg.model, model_config, ds_config, seed=0)
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
 

@@ -27,13 +27,13 @@ init_distributed()
 tiny, saved = sys.argv[1], sys.argv[2]
 cfg = parse_config(["--model", tiny, "--precision", "fp32", "--max_steps", "1"])
 ds = resolve_ds_config(load_ds_config("ds_configs/zero3.json"), cfg, 1, 1, 64, on_gpu=False)
-plain = build_model(cfg.model, load_model_config(cfg.model), {}, seed=123)
+plain, _ = build_model(cfg.model, load_model_config(cfg.model), {}, seed=123)
 plain.save_pretrained(saved)
 reference = {k: v.clone() for k, v in plain.state_dict().items()}
 
 for source in (tiny, saved):  # random init, and pretrained weights loaded under zero.Init
     cfg.model.model = source
-    model = build_model(cfg.model, load_model_config(cfg.model), ds, seed=123)
+    model, _hf = build_model(cfg.model, load_model_config(cfg.model), ds, seed=123)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     for name, value in gathered(engine).items():
         assert torch.equal(value, reference[name]), (source, name)

@@ -1,0 +1,177 @@
+"""A training run's start, in the order it happens: check the input (nothing written yet), plan the
+resume, build the data, then the engine. Each step returns one typed object the next one takes."""
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import yaml
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from medgpt.checkpoint import (
+    CheckpointMeta,
+    TrainState,
+    convert_to_universal,
+    find_checkpoint,
+    load_checkpoint,
+    model_shape,
+    save_checkpoint,
+    universal_dir,
+)
+from medgpt.config import Config
+from medgpt.data import ResumableDistributedSampler, eval_loader, train_loader, training_data
+from medgpt.distributed import Dist, adopt_launcher_env
+from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
+from medgpt.errors import UserError, check_all, launch_rank
+from medgpt.lr_schedule import warmup_cosine
+from medgpt.model import build_model, check_model_shape, load_model_config, load_tokenizer
+from medgpt.outputs import check_output_dir
+from medgpt.pubmedqa import Record, Split, load_records, official_split
+from medgpt.resume import ResumePlan, check_fresh_start
+from medgpt.safe_load import check_checkpoint_files
+from medgpt.throughput import device_peak, use_tf32
+
+
+@dataclass
+class Inputs:
+    """Everything read from outside the process and checked, before the process group exists."""
+    raw_ds_config: dict[str, Any]
+    records: list[Record]
+    split: Split
+    model_config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    checkpoint: Path | None  # the verified tag folder --resume names; None: a fresh start
+
+
+def check_inputs(cfg: Config) -> Inputs:
+    """Everything that can be wrong with the input, before anything is written to output_dir
+    (the data cache is written first, after this: the number of packed rows sets the step count).
+    Independent checks all run and every problem is reported together; then those that need
+    their results."""
+    t = cfg.train
+    adopt_launcher_env()
+    raw_ds_config, records, model_config, tokenizer, checkpoint, _, _ = check_all(
+        lambda: load_ds_config(t.ds_config), lambda: load_records(cfg.data.data),
+        lambda: check_model_shape(load_model_config(cfg.model), cfg.data.seq_len), lambda: load_tokenizer(cfg.model),
+        lambda: find_checkpoint(t.resume, t.output_dir, report=launch_rank() == 0),
+        lambda: check_output_dir(t.output_dir, "output_dir"), lambda: check_fresh_start(t))
+    split, _ = check_all(lambda: official_split(records, cfg.data.fold),
+                         lambda: checkpoint and check_checkpoint_files(checkpoint, universal_dir(checkpoint)))
+    return Inputs(raw_ds_config, records, split, model_config, tokenizer, checkpoint)
+
+
+@dataclass
+class Data:
+    """The run's batches and how many steps they make."""
+    sampler: ResumableDistributedSampler
+    train: torch.utils.data.DataLoader
+    dev: torch.utils.data.DataLoader  # answer-token loss on the dev fold
+    dev_records: list[Record]  # accuracy / macro-F1 on the dev fold
+    test_records: list[Record]
+    global_batch: int  # rows per optimizer step: samples, or packs
+    steps_per_epoch: int
+    total_steps: int
+
+
+def build_data(cfg: Config, inputs: Inputs, plan: ResumePlan, dist: Dist) -> Data:
+    """Tokenized (and packed) once per machine, or ahead by launcher/prepare_data.py."""
+    t = cfg.train
+    data = training_data(inputs.records, inputs.split, inputs.tokenizer, cfg.data, dist)
+    if dist.is_main:
+        print(f"medgpt: {'reused' if data.reused else 'built'} training data cache {data.cache}", flush=True)
+    global_batch = t.micro_batch_size * plan.grad_accum * dist.world_size
+    steps_per_epoch = len(data.train) // global_batch
+    if steps_per_epoch == 0:
+        rows = "packed rows" if cfg.data.packing else "questions"
+        raise UserError(f"global batch {global_batch} (micro_batch_size x grad_accum x world size) is larger "
+                        f"than the {len(data.train)} training {rows}; lower micro_batch_size or grad_accum")
+    pad_id = inputs.tokenizer.eos_token_id  # GPT-2 has no pad token; padded positions are masked anyway
+    # Without packing, batches are grouped by length (packed rows are all about seq_len long).
+    lengths = None if cfg.data.packing else [len(ids) for ids in data.train["input_ids"]]
+    sampler = ResumableDistributedSampler(data.train, dist, seed=t.seed, lengths=lengths, global_batch=global_batch)
+    records, split = inputs.records, inputs.split
+    return Data(sampler=sampler,
+                train=train_loader(data.train, sampler, t.micro_batch_size, pad_id, packed=cfg.data.packing,
+                                   device=dist.device),
+                dev=eval_loader(data.dev, dist, t.eval_batch_size, pad_id),
+                dev_records=[records[i] for i in split.dev], test_records=[records[i] for i in split.test],
+                global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+                total_steps=t.max_steps or t.epochs * steps_per_epoch)
+
+
+def resolve_run_ds_config(cfg: Config, inputs: Inputs, plan: ResumePlan, data: Data, dist: Dist) -> dict[str, Any]:
+    ds_config = resolve_ds_config(inputs.raw_ds_config, cfg, dist.world_size, data.total_steps,
+                                  hidden_size=inputs.model_config.n_embd, on_gpu=dist.device.type == "cuda",
+                                  grad_accum=plan.grad_accum)
+    if plan.reshard:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    if dist.is_main and cfg.train.precision == "bf16" and zero_stage(ds_config) == 0:
+        print("medgpt: note: ZeRO-0 in bf16 accumulates and all-reduces gradients in bf16 (DeepSpeed keeps fp32 "
+              "accumulation for ZeRO >= 1); ZeRO-1 accumulates in fp32 at about the same memory", flush=True)
+    return ds_config
+
+
+@dataclass
+class Engine:
+    """The DeepSpeed engine and what the loop and the checkpoints need with it."""
+    engine: deepspeed.DeepSpeedEngine
+    state: TrainState  # where the run is; the loop advances it
+    meta: CheckpointMeta  # written with every checkpoint
+    hf_deepspeed_config: Any  # kept alive for the run: transformers reads it to keep ZeRO-3 ranks in step
+    _save: Callable[[], Path]
+    _saved: tuple[int, Path] | None = None  # the step saved last, and its tag folder
+
+    def save(self) -> Path:
+        """A checkpoint of the current state (collective: every rank calls it), once per step:
+        --select_best, --save_every, a stop and the end may all ask at the same step."""
+        if self._saved is None or self._saved[0] != self.state.step:
+            self._saved = (self.state.step, self._save())
+        return self._saved[1]
+
+
+def build_engine(cfg: Config, inputs: Inputs, plan: ResumePlan, ds_config: dict[str, Any], total_steps: int,
+                 dist: Dist) -> Engine:
+    """The model inside DeepSpeed, at the checkpoint's state when resuming."""
+    use_tf32(dist.device, cfg.train.tf32 and cfg.train.precision == "fp32")
+    t, model_config = cfg.train, inputs.model_config
+    model, hf_deepspeed_config = build_model(cfg.model, model_config, ds_config, seed=t.seed)
+    schedule = None if "scheduler" in ds_config else functools.partial(
+        warmup_cosine, warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps, min_ratio=cfg.optim.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
+                                           lr_scheduler=schedule)
+    torch.manual_seed(t.seed + dist.rank)  # dropout masks differ across ranks, reproducibly
+    state = TrainState()
+    if plan.checkpoint:
+        tag = convert_to_universal(plan.checkpoint, dist) if plan.reshard else plan.checkpoint
+        state = load_checkpoint(engine, tag, dist)
+    meta = CheckpointMeta(config=cfg, model_config=model_config.to_dict(), model_shape=model_shape(model_config),
+                          global_batch=t.micro_batch_size * plan.grad_accum * dist.world_size,
+                          zero_stage=zero_stage(ds_config), optimizer=type(engine.optimizer).__name__)
+    save = functools.partial(save_checkpoint, engine, t.output_dir, state, meta, inputs.tokenizer, dist, t.keep_last)
+    return Engine(engine, state, meta, hf_deepspeed_config, save)
+
+
+def write_run_files(output_dir: Path, cfg: Config, ds_config: dict[str, Any]) -> None:
+    """The first write to output_dir (rank 0): a model or engine that fails to build leaves the
+    folder as it was."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+
+
+def peak_tflops_total(cfg: Config, dist: Dist) -> float:
+    """MFU's denominator: the ranks' peaks summed (measured ones differ a little from rank to rank;
+    the barrier makes CPU ranks measure side by side, as they will train)."""
+    dist.barrier()
+    peak = device_peak(dist.device, cfg.train.precision, cfg.train.peak_tflops)
+    (total,) = dist.all_reduce_sum([peak.tflops])
+    if dist.is_main:
+        print(f"medgpt: MFU against {total / dist.world_size:.4g} TFLOPS per device ({peak.source}) "
+              f"x {dist.world_size} rank(s)", flush=True)
+    return total
