@@ -43,7 +43,9 @@ from medgpt.errors import TrainingDiverged, UserError, check_all, launch_rank
 from medgpt.export import export_checkpoint
 from medgpt.loss import count_label_tokens, label_loss_sum
 from medgpt.lr_schedule import warmup_cosine
+from medgpt.metrics import score_line
 from medgpt.model import build_model, check_model_shape, load_model_config, load_tokenizer
+from medgpt.op_builds import announce_builds, optimizer_builders
 from medgpt.outputs import check_output_dir
 from medgpt.preemption import PREEMPTED_EXIT, StopRequest, watch_deepspeed_launcher
 from medgpt.pubmedqa import Record, load_records, official_split
@@ -210,7 +212,7 @@ def _score_test(engine: deepspeed.DeepSpeedEngine, tokenizer: PreTrainedTokenize
         logger.log(step, metric_scalars(test, "test"))
         logger.close()
         mark_finished(final, "test")
-        print(f"test: accuracy {test.metrics['accuracy']:.3f}, macro-F1 {test.metrics['macro_f1']:.3f}")
+        print(f"test: {score_line(test.metrics)}")
 
 
 def _export_final(final: Path, output_dir: Path, dist: Dist) -> None:
@@ -302,6 +304,7 @@ def train(cfg: Config) -> None:
     schedule = None if "scheduler" in ds_config else functools.partial(
         warmup_cosine, warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps,
         min_ratio=cfg.optim.min_lr_ratio)
+    announce_builds(optimizer_builders(ds_config), show=dist.is_main)  # the optimizer's op, if DeepSpeed compiles one
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                            lr_scheduler=schedule)
     torch.manual_seed(t.seed + dist.rank)  # dropout masks differ across ranks, reproducibly
@@ -385,8 +388,7 @@ def train(cfg: Config) -> None:
                     dev = evaluate_records(engine, tokenizer, dev_records, dist, cfg.data.seq_len, t.eval_batch_size)
                     if logger:
                         logger.log(state.step, {"eval/loss": eval_loss, **metric_scalars(dev, "eval")})
-                        bar.write(f"step {state.step}: eval loss {eval_loss:.4f}, accuracy "
-                                  f"{dev.metrics['accuracy']:.3f}, macro-F1 {dev.metrics['macro_f1']:.3f}")
+                        bar.write(f"step {state.step}: eval loss {eval_loss:.4f}, {score_line(dev.metrics)}")
 
                 if state.step < total_steps and stats.stop:
                     save_checkpoint(engine, output_dir, state, checkpoint_meta, tokenizer, dist, t.keep_last)
