@@ -96,5 +96,5 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
     lines = [title, f"{'class':<8}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}"]
     for label, s in metrics["per_class"].items():
         lines.append(f"{label:<8}{s['precision']:>10.3f}{s['recall']:>8.3f}{s['f1']:>8.3f}{s['support']:>9}")
-    lines.append(f"{score_line(metrics)}, unparsed {metrics['unparsed']}")
+    lines += [score_line(metrics), f"unparsed answers: {metrics['unparsed']}"]
     return "\n".join(lines)
