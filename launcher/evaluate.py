@@ -8,6 +8,7 @@ import sys
 
 from medgpt.cli import parse_request, request_parser
 from medgpt.commands import EvalRequest
+from medgpt.console import quiet_libraries
 from medgpt.errors import CliParser, run_cli
 
 
@@ -17,6 +18,7 @@ def parser() -> CliParser:
 
 def main(argv: list[str]) -> None:
     request = parse_request(EvalRequest, parser(), argv)
+    quiet_libraries(request.verbose)
     from medgpt.evaluate import run_evaluation  # imports torch (seconds): bad flags are reported before it
 
     run_evaluation(request)

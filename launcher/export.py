@@ -6,6 +6,7 @@ import sys
 
 from medgpt.cli import parse_request, request_parser
 from medgpt.commands import ExportRequest
+from medgpt.console import quiet_libraries
 from medgpt.errors import CliParser, run_cli
 
 
@@ -15,6 +16,7 @@ def parser() -> CliParser:
 
 def main(argv: list[str]) -> None:
     request = parse_request(ExportRequest, parser(), argv)
+    quiet_libraries(request.verbose)
     from medgpt.export import export_checkpoint  # imports DeepSpeed (seconds): bad flags are reported before it
 
     print(f"exported {export_checkpoint(request.checkpoint, request.output_dir, request.dtype)}")

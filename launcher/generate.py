@@ -6,6 +6,7 @@ import sys
 
 from medgpt.cli import parse_request, request_parser
 from medgpt.commands import GenerateRequest
+from medgpt.console import quiet_libraries
 from medgpt.errors import CliParser, run_cli
 
 
@@ -15,6 +16,7 @@ def parser() -> CliParser:
 
 def main(argv: list[str]) -> None:
     r = parse_request(GenerateRequest, parser(), argv)
+    quiet_libraries(r.verbose)
     from medgpt.inference import run_generate  # imports torch (seconds): bad flags are reported before it
 
     run_generate(r.model, r.question, r.context, r.max_length, r.tokenizer, r.device)

@@ -9,6 +9,7 @@ import sys
 
 from medgpt.cli import parse_request, request_parser
 from medgpt.commands import PlanRequest
+from medgpt.console import quiet_libraries
 from medgpt.errors import CliParser, UserError, run_cli
 from medgpt.memory_plan import GiB, PlanRow, Workload, load_shape, loads_pretrained, plan, recommend
 
@@ -33,6 +34,7 @@ def print_table(rows: list[PlanRow], gpu_budget: float, cpu_budget: float | None
 
 def main(argv: list[str]) -> None:
     request = parse_request(PlanRequest, parser(), argv)
+    quiet_libraries(request.verbose)
     shape = load_shape(request.model)
     if request.seq_len > shape.n_positions:
         raise UserError(f"--seq_len {request.seq_len} exceeds the model's {shape.n_positions} positions")

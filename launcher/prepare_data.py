@@ -8,6 +8,7 @@ matter); a training run with the same ones reuses the cache without tokenizing a
 import sys
 
 from medgpt.config import build_parser, parse_config
+from medgpt.console import quiet_libraries
 from medgpt.errors import CliParser, run_cli
 
 
@@ -17,6 +18,7 @@ def parser() -> CliParser:
 
 def main(argv: list[str]) -> None:
     cfg = parse_config(argv, parser())
+    quiet_libraries(cfg.train.verbose)
     from medgpt.prepare_data import prepare_data  # imports torch (seconds): bad flags are reported before it
 
     prepare_data(cfg)

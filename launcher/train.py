@@ -7,6 +7,7 @@ over the file.
 import sys
 
 from medgpt.config import build_parser, parse_config
+from medgpt.console import quiet_libraries
 from medgpt.errors import CliParser, run_cli
 
 
@@ -16,6 +17,7 @@ def parser() -> CliParser:
 
 def main(argv: list[str]) -> None:
     cfg = parse_config(argv, parser())
+    quiet_libraries(cfg.train.verbose)
     from medgpt.train import train  # imports DeepSpeed (seconds): bad flags are reported before it
 
     train(cfg)

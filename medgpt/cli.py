@@ -15,6 +15,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from medgpt.console import VERBOSE_HELP
 from medgpt.errors import CliParser, UserError
 
 TRUE_WORDS = ("true", "yes", "on", "1")
@@ -150,8 +151,10 @@ def request_parser(cls: type, description: str | None) -> CliParser:
     return parser
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Request:
     """A launcher's command line as a dataclass of :func:`arg` fields."""
+    verbose: bool = arg(False, help=VERBOSE_HELP)
 
     def problems(self) -> list[str]:
         """Every problem of the values beyond their types and choices, one sentence each."""

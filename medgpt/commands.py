@@ -20,6 +20,7 @@ MODES = ("loglik", "generate")
 MODEL_FOLDER_HELP = "save_pretrained folder of the model (a training run's <output_dir>/export)"
 TOKENIZER_HELP = "tokenizer name or folder; empty: the model folder's own"
 DEVICE_HELP = "auto: this rank's GPU if there is one, else the CPU"
+FALLBACK_SEQ_LEN = 1024  # evaluate.py's seq_len for a model folder that does not say (GPT-2's positions)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,7 +36,8 @@ class EvalRequest(Request):
     device: str = arg("auto", choices=DEVICES, help=DEVICE_HELP)
     # The name training uses for the same batch; no backward pass, so larger than training's.
     eval_batch_size: int = arg(8, help="questions per rank per batch when scoring")
-    seq_len: int = arg(1024, help="longest prompt + answer in tokens; contexts are cut to fit")
+    seq_len: int | None = arg(None, help="longest prompt + answer in tokens; contexts are cut to fit. Unset: the "
+                              f"seq_len a medgpt export was trained with, else {FALLBACK_SEQ_LEN}")
     mode: str = arg("loglik", choices=MODES, help="loglik: the likeliest of yes/no/maybe; generate: greedy "
                     "text, first word parsed")
     predictions: str = arg("", help="rescore this predictions.json against the split's gold labels (no model)")
@@ -46,7 +48,7 @@ class EvalRequest(Request):
         problems = []
         if not 0 <= self.fold < NUM_FOLDS:
             problems.append(f"fold must be 0..{NUM_FOLDS - 1}, one of the 10 official folds (got {self.fold})")
-        if self.eval_batch_size < 1 or self.seq_len < 32:
+        if self.eval_batch_size < 1 or (self.seq_len is not None and self.seq_len < 32):
             problems.append(f"eval_batch_size must be >= 1 and seq_len >= 32 "
                             f"(got {self.eval_batch_size}, {self.seq_len})")
         if not self.model and not self.predictions:

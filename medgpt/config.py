@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from medgpt.cli import add_fields, arg, choice_problems, coerce, field_type, given_values, new_parser
+from medgpt.console import VERBOSE_HELP
 from medgpt.errors import CliParser, UserError
 
 HUB_DATASET = "qiaojin/PubMedQA"
@@ -94,6 +95,7 @@ class TrainConfig:
     # Longer than the slowest step, evaluation or checkpoint save (ranks wait at a barrier while others write).
     collective_timeout: float = arg(600.0, help="seconds a collective may wait for the other ranks before "
                                     "the rank gives up (exit 4)")
+    verbose: bool = arg(False, help=VERBOSE_HELP)
 
 
 @dataclass

@@ -23,11 +23,16 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from medgpt.config import DataConfig
 from medgpt.distributed import Dist
 from medgpt.loss import logit_positions
-from medgpt.prompt import IGNORE_INDEX, answer_text, context_text, encode_pieces, question_text
+from medgpt.prompt import (
+    IGNORE_INDEX,
+    PROMPT_FORMAT_VERSION,
+    answer_text,
+    context_text,
+    encode_pieces,
+    question_text,
+)
 from medgpt.pubmedqa import Record, Split
 
-# Bump when the prompt format or the tokenization changes: it invalidates cached datasets.
-PROMPT_FORMAT_VERSION = 1
 # Bump when the packing algorithm changes: it invalidates cached packs.
 PACKING_VERSION = 1
 

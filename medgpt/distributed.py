@@ -17,7 +17,9 @@ import torch
 import torch.distributed as torch_dist
 
 from medgpt.config import DEVICES
+from medgpt.console import library_prints
 from medgpt.errors import STALLED_EXIT, UserError
+from medgpt.op_builds import announce_builds
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,11 @@ def init_distributed(device: str = "auto", deepspeed_comm: bool = True,
             os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
         import deepspeed  # slow import: only when a job really starts
 
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
+        # On CPU ranks DeepSpeed builds and loads its shared-memory op here (comm/torch.py:47-53), and
+        # prints "... built successfully" on every rank, every start.
+        announce_builds(["ShareMemCommBuilder"], show=rank == 0)
+        with library_prints():
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
     else:
         torch_dist.init_process_group(backend=backend, **kwargs)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)

@@ -2,18 +2,20 @@
 existing predictions file) and write predictions.json + metrics.json."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medgpt.commands import EvalRequest
+from medgpt.commands import FALLBACK_SEQ_LEN, EvalRequest
 from medgpt.config import ModelConfig
 from medgpt.distributed import init_distributed
 from medgpt.errors import UserError
 from medgpt.metrics import answer_metrics, check_predictions, format_table
 from medgpt.model import check_model_folder, load_saved_model, load_tokenizer
+from medgpt.model_card import export_seq_len
 from medgpt.pubmedqa import DECISIONS, Record, load_records, official_split
 from medgpt.scoring import evaluate_records, write_results
 
@@ -55,6 +57,9 @@ def report_rescored(request: EvalRequest) -> None:
 def evaluate_model(request: EvalRequest) -> None:
     """Answer the split with the saved model (sharded under torchrun); rank 0 writes the files."""
     check_model_folder(request.model)
+    # An explicit --seq_len wins; else the export's own (medgpt/model_card.py), else the fallback.
+    request = dataclasses.replace(request, seq_len=request.seq_len or export_seq_len(request.model)
+                                  or FALLBACK_SEQ_LEN)
     records = split_records(request)
     # Under torchrun each rank scores a shard and all get every answer; alone, rank 0 of 1.
     dist = init_distributed(request.device, deepspeed_comm=False)

@@ -7,6 +7,7 @@ stays about one fp32 copy.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,16 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-from medgpt.checkpoint import ds_to_universal, read_meta, resolve_checkpoint
+from medgpt.checkpoint import ds_to_universal, read_finished, read_meta, resolve_checkpoint
+from medgpt.console import library_prints
 from medgpt.errors import UserError
+from medgpt.model_card import CONFIG_KEY, export_facts, write_model_card
 from medgpt.outputs import check_new_output_dir
 from medgpt.safe_load import check_checkpoint_files, load_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0's full module state
+TEST_METRICS = "test_metrics.json"  # a run's test scores in its output_dir (train.py, scoring.write_results)
 
 
 def fp32_state_dict(tag_dir: Path, config: GPT2Config) -> dict[str, torch.Tensor]:
@@ -32,7 +36,8 @@ def fp32_state_dict(tag_dir: Path, config: GPT2Config) -> dict[str, torch.Tensor
         check_checkpoint_files(tag_dir)
         if meta.optimizer == "BF16_Optimizer":
             return _universal_fp32(tag_dir)
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        with library_prints():
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     # ZeRO-0: DeepSpeed saved the full module state, with the optimizer's in the same file.
     states = load_weights(tag_dir / MODEL_STATES)
     if meta.config.train.precision == "fp32":
@@ -70,13 +75,24 @@ def _zero0_fp32_masters(optimizer_state: dict[str, Any], config: GPT2Config) -> 
     return {name: t.reshape(shape).float() for (name, shape), t in zip(shapes, masters, strict=True)}
 
 
+def run_test_metrics(tag_dir: Path) -> dict[str, Any] | None:
+    """The test scores of a checkpoint's weights: its run's test_metrics.json, if the run scored the
+    test set with this checkpoint (recorded in it: medgpt.checkpoint.mark_finished)."""
+    scores = tag_dir.parent.parent / TEST_METRICS  # <output_dir>/checkpoints/step<N>
+    if "test" not in read_finished(tag_dir) or not scores.is_file():
+        return None
+    return json.loads(scores.read_text())
+
+
 def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "fp32") -> Path:
     if dtype not in DTYPES:
         raise UserError(f"--dtype '{dtype}' is unknown; use one of {', '.join(DTYPES)}")
     tag_dir = resolve_checkpoint(checkpoint, "--checkpoint")  # verified against its manifest
     output = Path(output)
     check_new_output_dir(output, "export folder")
-    config = GPT2Config.from_dict(read_meta(tag_dir).model_config)
+    meta = read_meta(tag_dir)
+    config = GPT2Config.from_dict(meta.model_config)
+    setattr(config, CONFIG_KEY, export_facts(meta))  # seq_len, prompt format, ... (medgpt/model_card.py)
     state = fp32_state_dict(tag_dir, config)
     # The plain constructor, not from_config: inside a ZeRO-3 run (a live HfDeepSpeedConfig)
     # from_config would build under zero.Init, a collective that rank 0 alone would hang in.
@@ -93,4 +109,5 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "
                                                pad_token_id=config.eos_token_id)
     model.save_pretrained(str(output), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(tag_dir / "tokenizer")).save_pretrained(str(output))
+    write_model_card(output, meta, tag_dir, run_test_metrics(tag_dir))
     return output

@@ -10,6 +10,9 @@ from transformers import PreTrainedTokenizerBase
 from medgpt.errors import UserError
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (the prompt, padding)
+# Bump when the prompt format or its tokenization changes: it invalidates cached datasets
+# (medgpt/data.py) and tells an export's users which format its model was trained on.
+PROMPT_FORMAT_VERSION = 1
 
 
 def context_text(contexts: Sequence[str]) -> str:

@@ -136,8 +136,11 @@ def evaluate_records(model: Any, tokenizer: PreTrainedTokenizerBase, records: li
 
 
 def metric_scalars(evaluation: Evaluation, prefix: str) -> dict[str, float]:
-    """TensorBoard scalars of an evaluation: ``<prefix>/accuracy``, ``<prefix>/macro_f1``."""
-    return {f"{prefix}/{name}": evaluation.metrics[name] for name in ("accuracy", "macro_f1")}
+    """TensorBoard scalars of an evaluation: ``<prefix>/accuracy``, ``<prefix>/macro_f1`` and, beside
+    them, ``<prefix>/majority_accuracy``, ``<prefix>/majority_macro_f1`` (always the commonest answer)."""
+    base = evaluation.metrics["majority_baseline"]
+    return {f"{prefix}/{kind}{name}": scores[name] for kind, scores in (("", evaluation.metrics), ("majority_", base))
+            for name in ("accuracy", "macro_f1")}
 
 
 def write_results(output_dir: Path, predictions: dict[str, str | None], metrics: dict[str, Any],

@@ -31,6 +31,7 @@ from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from medgpt.errors import UserError, check_all, launch_rank
 from medgpt.lr_schedule import warmup_cosine
 from medgpt.model import build_model, check_model_shape, load_model_config, load_tokenizer
+from medgpt.op_builds import announce_builds, optimizer_builders
 from medgpt.outputs import check_output_dir
 from medgpt.pubmedqa import Record, Split, load_records, official_split
 from medgpt.resume import ResumePlan, check_fresh_start
@@ -143,6 +144,7 @@ def build_engine(cfg: Config, inputs: Inputs, plan: ResumePlan, ds_config: dict[
     model, hf_deepspeed_config = build_model(cfg.model, model_config, ds_config, seed=t.seed)
     schedule = None if "scheduler" in ds_config else functools.partial(
         warmup_cosine, warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps, min_ratio=cfg.optim.min_lr_ratio)
+    announce_builds(optimizer_builders(ds_config), show=dist.is_main)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                            lr_scheduler=schedule)
     torch.manual_seed(t.seed + dist.rank)  # dropout masks differ across ranks, reproducibly

@@ -27,6 +27,7 @@ from medgpt.distributed import Dist, exit_on_collective_timeout, init_distribute
 from medgpt.errors import TrainingDiverged
 from medgpt.export import export_checkpoint
 from medgpt.loss import count_label_tokens, label_loss_sum
+from medgpt.metrics import score_line
 from medgpt.preemption import PREEMPTED_EXIT, StopRequest, watch_deepspeed_launcher
 from medgpt.pubmedqa import Record
 from medgpt.resume import ResumePlan, plan_resume
@@ -177,7 +178,7 @@ def _score_test(engine: deepspeed.DeepSpeedEngine, tokenizer: PreTrainedTokenize
         logger.log(step, metric_scalars(test, "test"))
         logger.close()
         mark_finished(final, "test")
-        print(f"test: accuracy {test.metrics['accuracy']:.3f}, macro-F1 {test.metrics['macro_f1']:.3f}")
+        print(f"test: {score_line(test.metrics)}")
 
 
 def _export_final(final: Path, output_dir: Path, dist: Dist) -> None:
@@ -226,8 +227,7 @@ def _evaluate_dev(run: Engine, tokenizer: PreTrainedTokenizerBase, data: Data, c
     dev = evaluate_records(engine, tokenizer, data.dev_records, dist, cfg.data.seq_len, t.eval_batch_size)
     if logger:
         logger.log(state.step, {"eval/loss": eval_loss, **metric_scalars(dev, "eval")})
-        bar.write(f"step {state.step}: eval loss {eval_loss:.4f}, accuracy {dev.metrics['accuracy']:.3f}, "
-                  f"macro-F1 {dev.metrics['macro_f1']:.3f}")
+        bar.write(f"step {state.step}: eval loss {eval_loss:.4f}, {score_line(dev.metrics)}")
     if t.select_best == "none":
         return
     score = eval_loss if t.select_best == "loss" else dev.metrics[t.select_best]

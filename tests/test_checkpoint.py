@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from conftest import (
@@ -65,7 +66,11 @@ def test_resume_on_another_world_size(runs, tmp_path, data_cache, saved_ranks, r
     assert (resumed / "checkpoints" / "step4_universal").is_dir()
     meta = json.loads((resumed / "checkpoints" / "step8" / "medgpt.json").read_text())
     assert meta["global_batch"] == 8 and meta["world_size"] == resumed_ranks
-    assert meta["config"]["train"]["grad_accum"] == 8 // (2 * resumed_ranks)
+    # The config stays as the user gave it (grad_accum 2); the run adapts its accumulation.
+    assert meta["config"]["train"]["grad_accum"] == 2
+    assert yaml.safe_load((resumed / "config.yaml").read_text())["train"]["grad_accum"] == 2
+    ds_config = json.loads((resumed / "ds_config.json").read_text())
+    assert ds_config["gradient_accumulation_steps"] == 8 // (2 * resumed_ranks)
     assert meta["train_state"]["consumed"] == 64
     for (step, value), (_, expected) in zip(losses(resumed)[4:], losses(reference)[4:], strict=True):
         assert math.isclose(value, expected, rel_tol=1e-4), (step, value, expected)

@@ -3,10 +3,12 @@ tiny model (1 process and 2 ranks), a model over-fitted to known answers, bad in
 import json
 import math
 import re
+from collections import Counter
 
 import pytest
 import torch
 import transformers
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 from conftest import (
@@ -26,7 +28,8 @@ from medgpt.inference import answer_question
 from medgpt.loss import count_label_tokens, label_loss_sum
 from medgpt.metrics import answer_metrics, majority_label
 from medgpt.model import load_saved_model
-from medgpt.prompt import answer_text, encode_example
+from medgpt.model_card import export_seq_len
+from medgpt.prompt import PROMPT_FORMAT_VERSION, answer_text, context_text, encode_example, question_text
 from medgpt.pubmedqa import load_records, official_split
 from medgpt.scoring import parse_decision
 
@@ -248,20 +251,103 @@ def test_rescoring_predictions_matches_the_run(test_split_run):
     assert rescored == {k: v for k, v in original.items() if k in rescored}
 
 
-# --- Training logs answer metrics on dev and scores the test set at the end.
+# --- Training logs answer metrics on dev, scores the test set at the end and exports a model card.
+
+EXPORT_PY = str(REPO / "launcher" / "export.py")
+# medgpt's console lines: its own messages, the step and test scores, its progress bars.
+MEDGPT_LINE = re.compile(r"(medgpt: |step \d+: |test: |(train|score): +\d+%)")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, data_cache):
+    """A 4-step run that saves step 2 and the final step 4: (output_dir, its process)."""
+    out = tmp_path_factory.mktemp("trained-run") / "run"
+    # Micro-batch 8: the scoring batch too (the 500 test questions in 63 forwards).
+    proc = launch(tiny_args(out, data_cache, max_steps=4, eval_every=2, micro_batch_size=8, grad_accum=1,
+                            save_every=2, keep_last=0))
+    check_ok(proc)
+    return out, proc
+
+
+def majority_share(records):
+    """Accuracy of always giving the commonest answer, counted here from the records."""
+    counts = Counter(r.final_decision for r in records)
+    return max(counts.values()) / len(records)
+
 
 @pytest.mark.e2e
-def test_training_logs_accuracy_and_writes_test_metrics(tmp_path, data_cache):
-    out = tmp_path / "run"
-    # Micro-batch 8: the scoring batch too (the 500 test questions in 63 forwards).
-    check_ok(launch(tiny_args(out, data_cache, max_steps=4, eval_every=2, micro_batch_size=8, grad_accum=1)))
+def test_training_logs_accuracy_and_writes_test_metrics(trained_run):
+    out, proc = trained_run
     scalars = read_scalars(out)
-    for tag in ("eval/accuracy", "eval/macro_f1"):
+    for tag in ("eval/accuracy", "eval/macro_f1", "eval/majority_accuracy", "eval/majority_macro_f1"):
         assert [step for step, _ in scalars[tag]] == [2, 4] and all(0 <= v <= 1 for _, v in scalars[tag]), tag
     assert [step for step, _ in scalars["test/accuracy"]] == [4] and "test/macro_f1" in scalars
     metrics, predictions = read_json(out / "test_metrics.json"), read_json(out / "test_predictions.json")
     assert predictions.keys() == read_json(GROUND_TRUTH).keys() and metrics["num_questions"] == 500
     assert scalars["test/accuracy"][0][1] == pytest.approx(metrics["accuracy"])
+    records = load_records(str(ORI_JSON))
+    split = official_split(records, fold=0)
+    dev_majority = majority_share([records[i] for i in split.dev])
+    assert [v for _, v in scalars["eval/majority_accuracy"]] == pytest.approx([dev_majority] * 2)
+    test_majority = majority_share([records[i] for i in split.test])
+    assert scalars["test/majority_accuracy"][0][1] == pytest.approx(test_majority)
+    # Every score printed stands next to its baseline; nothing but medgpt's lines (DeepSpeed, transformers
+    # and datasets report errors only).
+    assert re.search(rf"test: accuracy [\d.]+, macro-F1 [\d.]+ \| majority baseline \(always 'yes'\): "
+                     rf"accuracy {test_majority:.3f}", proc.stdout), proc.stdout
+    assert len(re.findall(r"step \d: eval loss .* majority baseline", proc.stdout)) == 2
+    lines = [part.strip() for line in (proc.stdout + proc.stderr).splitlines() for part in line.split("\r")]
+    assert [line for line in lines if line and not MEDGPT_LINE.match(line)] == []
+
+
+def card_of(folder):
+    """A model card's YAML metadata and its text."""
+    _, header, body = (folder / "README.md").read_text().split("---\n", 2)
+    return yaml.safe_load(header), body
+
+
+@pytest.mark.e2e
+def test_the_export_explains_itself(trained_run):
+    out, _ = trained_run
+    metadata, body = card_of(out / "export")
+    test = read_json(out / "test_metrics.json")
+    assert metadata["datasets"] == ["qiaojin/PubMedQA"] and metadata["language"] == "en" and "license" in metadata
+    assert "base_model" not in metadata  # a random init from a GPT2Config .json
+    scores = {m["name"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
+    assert scores == {"Accuracy": test["accuracy"], "Macro-F1": test["macro_f1"],
+                      "Majority baseline accuracy (always 'yes')": test["majority_baseline"]["accuracy"],
+                      "Majority baseline macro-F1 (always 'yes')": test["majority_baseline"]["macro_f1"]}
+    assert context_text(["<contexts, joined by spaces>"]) + question_text("<question>") in body
+    assert f"majority baseline (always 'yes'): accuracy {test['majority_baseline']['accuracy']:.3f}" in body
+    assert "fold 0" in body and "| seq_len | 384 |" in body and "4 optimizer steps" in body
+    card_config = yaml.safe_load(body.split("```yaml\n")[1].split("```")[0])
+    assert card_config == yaml.safe_load((out / "config.yaml").read_text())
+    assert read_json(out / "export" / "config.json")["medgpt"] == {
+        "seq_len": 384, "prompt_format": PROMPT_FORMAT_VERSION, "fold": 0, "long_answer": False, "step": 4}
+
+
+@pytest.mark.e2e
+def test_an_unscored_checkpoint_exports_a_card_without_scores(trained_run, tmp_path):
+    out, _ = trained_run
+    proc = launch(["--checkpoint", str(out / "checkpoints" / "step2"), "--output_dir", str(tmp_path / "hf")],
+                  script=EXPORT_PY)
+    check_ok(proc)
+    assert proc.stdout.strip() == f"exported {tmp_path / 'hf'}" and proc.stderr == ""
+    metadata, body = card_of(tmp_path / "hf")
+    assert "model-index" not in metadata and "Not scored" in body and "2 optimizer steps" in body
+    assert read_json(tmp_path / "hf" / "config.json")["medgpt"]["step"] == 2
+
+
+@pytest.mark.e2e
+def test_evaluate_takes_seq_len_from_the_export(trained_run, trained, tmp_path):
+    out, _ = trained_run
+    base = ["--model", str(out / "export"), "--data", str(ORI_JSON), "--split", "dev", "--eval_batch_size", "25"]
+    check_ok(launch([*base, "--output_dir", str(tmp_path / "default")], script=EVALUATE_PY))
+    check_ok(launch([*base, "--seq_len", "256", "--output_dir", str(tmp_path / "flag")], script=EVALUATE_PY))
+    assert read_json(tmp_path / "default" / "metrics.json")["seq_len"] == 384  # the run's
+    assert read_json(tmp_path / "flag" / "metrics.json")["seq_len"] == 256  # an explicit flag wins
+    # A plain save_pretrained folder says nothing: evaluate.py falls back to its default.
+    assert export_seq_len(str(trained[0])) is None and export_seq_len(str(out / "export")) == 384
 
 
 @pytest.mark.e2e
