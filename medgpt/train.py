@@ -333,7 +333,7 @@ def train(cfg: Config) -> None:
 
     # A resumed run drops any events the earlier run logged after its checkpoint.
     # (A fresh start purges from step 1: events of an earlier run that crashed before its first checkpoint.)
-    logger = MetricsLogger(output_dir, purge_step=state.step + 1) if dist.is_main else None
+    logger = MetricsLogger(cfg, global_batch, purge_step=state.step + 1) if dist.is_main else None
     window = ThroughputWindow()
     exit_on_collective_timeout(dist, t.collective_timeout, lambda: state.step)
     last_checkpoint = resume_from
@@ -366,7 +366,8 @@ def train(cfg: Config) -> None:
                 if state.step % t.log_every == 0 or state.step == total_steps:
                     perf = window.scalars(peak_total, stats.peak_memory)
                     window = ThroughputWindow()
-                    scalars = {"train/loss": stats.loss, "train/lr": lr, **perf}
+                    scalars = {"train/loss": stats.loss, "train/lr": lr, **perf,
+                               "train/epoch": state.epoch + state.consumed / (steps_per_epoch * global_batch)}
                     if stats.grad_norm is not None:
                         scalars["train/grad_norm"] = stats.grad_norm
                     if t.precision == "fp16":
