@@ -106,10 +106,11 @@ class MlflowSink:
 
         self.client = MlflowClient()
         self.run_id = _remembered_ids(output_dir).get("mlflow")
-        try:
-            self.run_id = self.run_id and self.client.get_run(self.run_id).info.run_id
-        except MlflowException:  # another tracking store than the first attempt's
-            self.run_id = None
+        if self.run_id:
+            try:
+                self.client.get_run(self.run_id)
+            except MlflowException:  # not in this tracking store (the first attempt used another)
+                self.run_id = None
         if not self.run_id:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "medgpt")
             experiment = self.client.get_experiment_by_name(name)
