@@ -22,6 +22,7 @@ def plot_curves(runs: list[Run], path: Path) -> None:
             axes.plot([step for step, _ in series], [value for _, value in series],
                       marker="." if len(series) < 20 else None, label=run.name)
         axes.set(title=title, xlabel="step")
+        axes.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
         axes.grid(alpha=0.3)
     if len(runs) <= LEGEND_RUNS:
         figure.legend(*axes.get_legend_handles_labels(), loc="outside right center", fontsize="small")
