@@ -88,6 +88,7 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
+@pytest.mark.e2e  # importing MLflow takes seconds
 def test_mlflow_gets_the_same_scalars_and_config(tmp_path: Path, mlflow_store: str) -> None:
     from mlflow import MlflowClient
 
@@ -129,6 +130,7 @@ def wandb_records(run_file: Path) -> list:
     return records
 
 
+@pytest.mark.e2e  # starts W&B's service process
 def test_wandb_offline_gets_the_same_scalars_and_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("wandb", reason="the wandb extra is not installed")
     for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_CONSOLE", "off"),
