@@ -56,6 +56,11 @@ def _percent(value: float | None) -> str:
     return NONE if value is None else f"{100 * value:.1f}"
 
 
+def _mean_sd(spread: dict[str, Any]) -> str:
+    """"mean ± sd" in percent; the mean alone for a single run."""
+    return _percent(spread["mean"]) + ("" if spread["sd"] is None else f" ± {_percent(spread['sd'])}")
+
+
 def _number(value: float | None, digits: int) -> str:
     return NONE if value is None else f"{value:.{digits}f}"
 
@@ -72,7 +77,7 @@ def _scores_table(summary: dict[str, Any]) -> list[str]:
     rows = [f"| test (500 questions) | {' | '.join(f'{label} (%)' for label in METRICS.values())} |",
             "| --- | --- | --- |",
             f"| mean ± sd over {n} run(s) | " + " | ".join(
-                f"{_percent(test[m]['mean'])} ± {_percent(test[m]['sd'])}" for m in METRICS) + " |",
+                _mean_sd(test[m]) for m in METRICS) + " |",
             "| min / max | " + " | ".join(f"{_percent(test[m]['min'])} / {_percent(test[m]['max'])}"
                                          for m in METRICS) + " |",
             f"| majority baseline ('{base['label']}' for all) | " + " | ".join(
@@ -83,8 +88,7 @@ def _scores_table(summary: dict[str, Any]) -> list[str]:
 def _per_class_table(summary: dict[str, Any]) -> list[str]:
     rows = ["| class | precision (%) | recall (%) | F1 (%) |", "| --- | --- | --- | --- |"]
     for label, scores in summary["per_class"].items():
-        rows.append(f"| {label} | " + " | ".join(
-            f"{_percent(s['mean'])} ± {_percent(s['sd'])}" for s in scores.values()) + " |")
+        rows.append(f"| {label} | " + " | ".join(_mean_sd(s) for s in scores.values()) + " |")
     return rows
 
 
@@ -131,8 +135,9 @@ def write_report(folder: Path, output_dir: Path) -> Path:
              f"{len(finished)} finished run(s) in {len(settings)} setting(s); {len(unfinished)} unfinished. "
              "Runs of a setting differ only in fold, seed and how they were run (docs/report.md). "
              "Scores are percent; rebuild with `python launcher/report.py <folder>`.", ""]
+    varying = _varying(settings)
     for index, (setting, summary) in enumerate(zip(settings, summaries, strict=True), start=1):
-        lines += _setting_section(index, setting, summary, _varying(settings), perf)
+        lines += _setting_section(index, setting, summary, varying, perf)
         plot_curves(setting.runs, output_dir / f"setting{index}-curves.png")
         plot_confusion(summary["confusion_matrix"], list(DECISIONS), output_dir / f"setting{index}-confusion.png")
     if finished:

@@ -19,7 +19,7 @@ Scalars = dict[str, list[tuple[int, float]]]  # tag -> (step, value), in step or
 
 @dataclass(frozen=True)
 class Run:
-    name: str  # the folder, relative to the one reported on
+    name: str  # the folder, relative to the one reported on (one run reported alone: its folder's name)
     config: dict[str, dict[str, Any]]  # config.yaml
     setting: dict[str, Any]  # medgpt.run_setting.setting_of
     test: dict[str, Any] | None  # test_metrics.json; None: not finished
@@ -89,7 +89,8 @@ def read_run(path: Path, folder: Path) -> Run:
     ds_config = path / "ds_config.json"
     global_batch = _read_json(ds_config).get("train_batch_size") if ds_config.exists() else None
     test = path / "test_metrics.json"
-    return Run(name=str(path.relative_to(folder)), config=config, setting=setting_of(config, global_batch),
+    name = str(path.relative_to(folder)) if path != folder else folder.resolve().name  # one run: its own name
+    return Run(name=name, config=config, setting=setting_of(config, global_batch),
                test=_read_json(test) if test.exists() else None, scalars=read_scalars(path / "tensorboard"))
 
 
