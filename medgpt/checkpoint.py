@@ -81,6 +81,10 @@ class TrainState:
         self.evals_since_best += 1
         return False
 
+    def epochs(self, global_batch: int, steps_per_epoch: int) -> float:
+        """Epochs done, with the fraction of the current one."""
+        return self.epoch + self.consumed / (global_batch * steps_per_epoch)
+
     def advance(self, global_batch: int, steps_per_epoch: int) -> None:
         """One optimizer step's samples consumed (applied or skipped), rolling over to the next epoch."""
         self.consumed += global_batch

@@ -1,4 +1,4 @@
-"""What launcher/evaluate.py, export.py, generate.py and plan.py are asked to do: one dataclass
+"""What launcher/evaluate.py, export.py, generate.py, plan.py and report.py are asked to do: one dataclass
 each, whose fields are the command line's flags (medgpt.cli); launcher/train.py and
 prepare_data.py take medgpt.config's. Light on purpose (no torch): ``--help`` and bad flags are
 answered before a launcher loads the heavy modules that do the work."""
@@ -121,3 +121,22 @@ class PlanRequest(Request):
         if self.cpu_mem is not None and self.cpu_mem <= 0:
             problems.append(f"--cpu_mem must be > 0 GiB (got {self.cpu_mem})")
         return problems
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportRequest(Request):
+    folder: str = arg(help="a sweep folder (every folder under it that holds config.yaml is a run) or one "
+                      "run's output_dir", positional=True)
+    output_dir: str = arg("", help="folder for report.md, report.json and the PNG plots; empty: <folder>/report "
+                          "(its report files are replaced)")
+
+    def problems(self) -> list[str]:
+        try:
+            check_output_dir(self.report_dir, "--output_dir")
+        except UserError as err:
+            return err.problems
+        return []
+
+    @property
+    def report_dir(self) -> Path:
+        return Path(self.output_dir or Path(self.folder) / "report")

@@ -7,6 +7,7 @@ across sections. Everything is validated once, in :func:`Config.validate`, befor
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ HUB_DATASET = "qiaojin/PubMedQA"
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cuda", "cpu")
 SELECT_BEST = ("none", "macro_f1", "accuracy", "loss")  # loss: the dev answer-token loss, lower is better
+# Where metrics and the config go (medgpt.tracking); each optional one is a package and an extra of that name.
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+OPTIONAL_TRACKERS = ("mlflow", "wandb")
 
 
 @dataclass
@@ -96,6 +100,9 @@ class TrainConfig:
     collective_timeout: float = arg(600.0, help="seconds a collective may wait for the other ranks before "
                                     "the rank gives up (exit 4)")
     verbose: bool = arg(False, help=VERBOSE_HELP)
+    # TensorBoard is always written: launcher/report.py and a resumed run's purge read its events.
+    report_to: str = arg("tensorboard", help="where metrics and the config go: a comma list of tensorboard, "
+                         "mlflow, wandb (the last two are extras: pip install 'medgpt[mlflow]')")
 
 
 @dataclass
@@ -157,6 +164,7 @@ class Config:
         if t.early_stop < 0 or (t.early_stop and t.select_best == "none"):
             problems.append(f"early_stop must be >= 0 and needs --select_best, the dev metric it watches "
                             f"(got {t.early_stop})")
+        problems += report_to_problems(t.report_to)
         if t.epochs == 0 and t.max_steps == 0:
             problems.append("set epochs or max_steps to more than 0")
         if not 0 <= d.fold <= 9:
@@ -183,6 +191,22 @@ class Config:
         """Every float field by its flat name."""
         return {name: getattr(getattr(self, section), name) for name, (section, kind) in _field_index().items()
                 if kind is float}
+
+
+def trackers(report_to: str) -> list[str]:
+    """The tracker names of a --report_to value ("tensorboard,mlflow")."""
+    return [name.strip() for name in report_to.split(",") if name.strip()]
+
+
+def report_to_problems(report_to: str) -> list[str]:
+    """Unknown tracker names, and optional trackers whose package is not installed (found without
+    importing it: the check runs before anything heavy is loaded)."""
+    names = trackers(report_to)
+    problems = [f"report_to '{name}' is unknown; use a comma list of {', '.join(TRACKERS)}"
+                for name in names if name not in TRACKERS]
+    return problems + [f"--report_to {name} needs the {name} package, which is not installed: "
+                       f"pip install 'medgpt[{name}]'"
+                       for name in names if name in OPTIONAL_TRACKERS and importlib.util.find_spec(name) is None]
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}

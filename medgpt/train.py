@@ -202,9 +202,9 @@ def _step_batches(data: Data, state: TrainState, grad_accum: int) -> Iterator[li
             yield [next(batches) for _ in range(grad_accum)]
 
 
-def _log_step(logger: MetricsLogger | None, bar: tqdm, step: int, stats: StepStats, lr: float,
+def _log_step(logger: MetricsLogger | None, bar: tqdm, step: int, epoch: float, stats: StepStats, lr: float,
               perf: dict[str, float], engine: deepspeed.DeepSpeedEngine, skips: SkipCount) -> None:
-    scalars = {"train/loss": stats.loss, "train/lr": lr, **perf}
+    scalars = {"train/loss": stats.loss, "train/lr": lr, "train/epoch": epoch, **perf}
     if stats.grad_norm is not None:
         scalars["train/grad_norm"] = stats.grad_norm
     if engine.fp16_enabled():
@@ -290,7 +290,7 @@ def train(cfg: Config) -> None:
         write_run_files(output_dir, cfg, ds_config)
     peak_total = peak_tflops_total(cfg, dist)
     # Drops events an earlier run logged after this checkpoint (or, on a fresh start, before its first one).
-    logger = MetricsLogger(output_dir, purge_step=state.step + 1) if dist.is_main else None
+    logger = MetricsLogger(cfg, data.global_batch, purge_step=state.step + 1) if dist.is_main else None
     window, skips, last_checkpoint = ThroughputWindow(), SkipCount(), plan.checkpoint
     exit_on_collective_timeout(dist, t.collective_timeout, lambda: state.step)
     batches = _step_batches(data, state, plan.grad_accum)
@@ -313,8 +313,8 @@ def train(cfg: Config) -> None:
             bar.update(1)
             last = state.step == data.total_steps
             if state.step % t.log_every == 0 or last:
-                _log_step(logger, bar, state.step, stats, lr, window.scalars(peak_total, stats.peak_memory), engine,
-                          skips)
+                _log_step(logger, bar, state.step, state.epochs(data.global_batch, data.steps_per_epoch), stats, lr,
+                          window.scalars(peak_total, stats.peak_memory), engine, skips)
                 window = ThroughputWindow()
             if (t.eval_every and state.step % t.eval_every == 0) or last:
                 _evaluate_dev(run, inputs.tokenizer, data, cfg, dist, logger, bar)

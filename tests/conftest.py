@@ -210,6 +210,28 @@ def read_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def session_groups(logdir: Path) -> dict[str, tuple[dict, dict[str, dict[str, float]]]]:
+    """What TensorBoard's HParams view lists: group -> (its hparams, {session: last metric values}), read
+    by the plugin's own handler."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    plugin = backend_context.Context(base_plugin.TBContext(
+        logdir=str(logdir), multiplexer=multiplexer,
+        data_provider=data_provider.MultiplexerDataProvider(multiplexer, str(logdir))))
+    request = api_pb2.ListSessionGroupsRequest(allowed_statuses=[api_pb2.STATUS_UNKNOWN], start_index=0,
+                                               slice_size=100, aggregation_type=api_pb2.AGGREGATION_AVG)
+    response = list_session_groups.Handler(context.RequestContext(), plugin, "", request).run()
+    return {group.name: ({k: getattr(v, v.WhichOneof("kind")) for k, v in group.hparams.items()},
+                         {s.name: {m.name.tag: m.value for m in s.metric_values} for s in group.sessions})
+            for group in response.session_groups}
+
+
 REFERENCE_STEPS = 20
 
 
