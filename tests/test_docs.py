@@ -6,13 +6,15 @@ How a docs author writes commands (the whole rule):
   in a scratch copy of the repository (`../shared/data` is the shared data, `.venv/bin/` and a
   bare `python`/`deepspeed`/`torchrun` are this interpreter's), README.md first, then docs/*.md by
   name, each page top to bottom; all pages share that copy, so a page can use `runs/smoke/` made
-  by README's smoke run. A command must exit 0.
+  by README's smoke run. A command must exit 0; one written on several pages runs once.
 - A command that cannot run here ends in a comment saying what it needs: `# needs GPUs`,
   `# needs the Hub`, `# needs SLURM`, `# needs an hour`, ... Then it is parsed, not run: its
   launcher script's flags (`launcher/*.py`, `bench/*.py`, or a `slurm/*.sbatch` whose arguments
   are launcher/train.py's) go through that launcher's own parser and validation, and every file it
   names (`*.json`, `*.yaml`, `*.py`, `*.sbatch`) must exist. Anything else cannot be checked: put it
-  in prose instead.
+  in prose instead (so are `pytest` and `ruff`, which would run this test again).
+- Each command costs test time (a training run about 20 s): show a runnable variant once, the rest
+  in prose.
 - Two changes, so that the tests stay short and can run beside other jobs: a command running
   `launcher/train.py` gets `--max_steps 2` appended, and `deepspeed`/`torchrun` get a free
   `--master_port`.
@@ -213,6 +215,15 @@ def test_parse_refuses_a_renamed_flag_and_a_missing_file(tmp_path, monkeypatch):
         parse(Snippet("page.md", 1, good.replace("zero3", "zero9"), "bash"), repo)
 
 
+def test_layout_names_every_module_launcher_and_test_file():
+    """docs/layout.md is where a newcomer looks a file up: a new one must be listed there."""
+    layout = (REPO / "docs" / "layout.md").read_text()
+    files = [*REPO.glob("medgpt/*.py"), *REPO.glob("launcher/*.py"), *REPO.glob("tests/test_*.py")]
+    missing = [str(f.relative_to(REPO)) for f in files
+               if f.name != "__init__.py" and not re.search(rf"(^|\s|`){re.escape(f.name)}(\s|`|,|:)", layout, re.M)]
+    assert not missing, f"add a line for each to docs/layout.md: {missing}"
+
+
 # --- The pages' commands.
 
 @pytest.mark.parametrize("snippet", [s for s in ALL if s.parse_only], ids=lambda s: f"{s.page}:{s.line}")
@@ -230,15 +241,19 @@ def scratch(tmp_path_factory, data_cache):
     """The one scratch copy every page's commands run in; run(page) runs README.md's first, once."""
     repo = scratch_copy(tmp_path_factory.mktemp("docs"))
     env = command_env(repo, data_cache)
-    done: set[Path] = set()
+    done: dict[Path, bool] = {}  # page -> its commands all ran
+    ran: set[str] = set()  # a command written on several pages runs once
 
     def run_page(page: Path) -> None:
         for needed in (PAGES[0], page):
             if needed not in done:
-                done.add(needed)
+                done[needed] = False
                 for snippet in snippets(needed):
-                    if not (snippet.parse_only or snippet.ci):
+                    if not (snippet.parse_only or snippet.ci or snippet.text in ran):
+                        ran.add(snippet.text)
                         run(snippet, repo, env)
+                done[needed] = True
+            assert done[needed], f"{needed.name} failed first (see its test); this page may use its runs/"
     return run_page
 
 
