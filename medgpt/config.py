@@ -41,8 +41,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data: str = arg(HUB_DATASET, help="Hub dataset id (config pqa_labeled), a parquet file/folder in the Hub's "
-                    "layout, or the original ori_pqal.json")
+    data: str = arg(HUB_DATASET, help="Hub dataset id (its pqa_labeled subset), a parquet file/folder in the "
+                    "Hub's layout, or the original ori_pqal.json")
     fold: int = arg(0, help="which of the 10 official cross-validation folds (0..9) is dev")
     seq_len: int = arg(1024, help="longest tokenized sample; contexts are cut to fit")
     long_answer: bool = arg(False, help="train on 'yes. <long answer>' instead of the decision alone")
@@ -76,7 +76,8 @@ class TrainConfig:
     epochs: int = arg(3, help="passes over the training questions")
     max_steps: int = arg(0, help=">0: stop after this many optimizer steps, overriding epochs")
     seed: int = arg(42, help="seed of initialisation, shuffling and dropout")
-    eval_every: int = arg(0, help="held-out loss every N steps (0: only at the end)")
+    eval_every: int = arg(0, help="score the dev fold (loss, accuracy, macro-F1) every N steps "
+                          "(0: only at the end)")
     log_every: int = arg(1, help="log training metrics every N steps")
     save_every: int = arg(0, help="checkpoint every N steps (0: only at the end)")
     keep_last: int = arg(2, help="checkpoints kept (0: all); the --select_best one is kept besides")
