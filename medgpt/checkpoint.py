@@ -43,13 +43,12 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from medgpt.adam_replay import replay_cpu_adam_steps
 from medgpt.distributed import Dist
 from medgpt.errors import UserError
+from medgpt.model_shape import ModelShape
 
 META_FILE = "medgpt.json"
 LATEST_FILE = "latest"
 MANIFEST_FILE = "manifest.json"
 FINISHED_FILE = "finished.json"  # written after the manifest, so not listed in it
-# Fields that fix the parameter shapes: a checkpoint only loads into the same values.
-SHAPE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
 
 
 @dataclass
@@ -89,7 +88,8 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 def model_shape(config: PretrainedConfig) -> dict[str, Any]:
-    return {k: getattr(config, k, None) for k in SHAPE_FIELDS}
+    """The meta's "model_shape": the numbers that fix the parameter tensors, as a plain dict."""
+    return ModelShape.from_config(config).to_dict()
 
 
 def save_checkpoint(engine: Any, output_dir: str | Path, state: TrainState, meta: dict[str, Any],
@@ -276,9 +276,8 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
 
 def check_same_model(meta: dict[str, Any], config: PretrainedConfig, tag_dir: Path) -> None:
     """Refuse a checkpoint of another model shape or vocabulary, before any rank loads it."""
-    saved, current = meta["model_shape"], model_shape(config)
-    diffs = [f"{k}: checkpoint {saved.get(k)} vs model {current[k]}"
-             for k in SHAPE_FIELDS if saved.get(k) != current[k]]
+    saved, current = ModelShape.from_dict(meta["model_shape"]), ModelShape.from_config(config)
+    diffs = [f"{name}: checkpoint {was} vs model {now}" for name, was, now in saved.differences(current)]
     if diffs:
         raise UserError(f"checkpoint '{tag_dir}' is of another model shape ({'; '.join(diffs)}); "
                         "resume it with the --model it was trained with, or start fresh with --resume none")

@@ -21,6 +21,8 @@ from medgpt.config import ModelConfig
 from medgpt.errors import UserError
 
 DEFAULT_TOKENIZER = "gpt2"
+# medgpt's precision names (config.PRECISIONS) as torch dtypes: of a run's matmuls and of exported weights.
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _is_config_file(name: str) -> bool:
@@ -77,6 +79,18 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def share_with_transformers(ds_config: dict[str, Any]) -> HfDeepSpeedConfig:
+    """Share the DeepSpeed config with transformers for as long as the returned object is referenced.
+
+    transformers keeps only a weak reference to it (integrations/deepspeed.py:267-293) and asks it
+    whether ZeRO-3 is on: ``from_pretrained`` then loads inside zero.Init (modeling_utils.py:1435)
+    and ``generate`` keeps ZeRO-3 ranks in step (generation/utils.py:2567, synced_gpus). Once the
+    object is garbage-collected, transformers silently acts as if there were no DeepSpeed: keep it
+    in a variable for as long as either may run.
+    """
+    return HfDeepSpeedConfig(ds_config)
+
+
 def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str, Any], seed: int) -> PreTrainedModel:
     """The model to train, identical on every rank and for every ZeRO stage.
 
@@ -90,7 +104,7 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str,
     if _is_config_file(cfg.model):
         model = AutoModelForCausalLM.from_config(config)
     else:
-        hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers reads it while loading)
+        shared = share_with_transformers(ds_config)  # noqa: F841 (alive while transformers loads)
         model = AutoModelForCausalLM.from_pretrained(cfg.model, config=config)
     if cfg.activation_checkpointing:
         # transformers' default: non-reentrant torch checkpointing of every block, which works with

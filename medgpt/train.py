@@ -19,7 +19,6 @@ import torch
 import yaml
 from tqdm import tqdm
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
-from transformers.integrations import HfDeepSpeedConfig
 
 from medgpt.checkpoint import (
     TrainState,
@@ -39,11 +38,12 @@ from medgpt.config import Config, DataConfig
 from medgpt.data import ResumableDistributedSampler, eval_loader, to_device, train_loader, training_data
 from medgpt.distributed import Dist, adopt_launcher_env, exit_on_collective_timeout, init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
-from medgpt.errors import TrainingDiverged, UserError, check_all, launch_rank
+from medgpt.errors import TrainingDiverged, UserError, check_all
 from medgpt.export import export_checkpoint
+from medgpt.launch_env import launch_rank
 from medgpt.loss import count_label_tokens, label_loss_sum
 from medgpt.lr_schedule import warmup_cosine
-from medgpt.model import build_model, check_model_shape, load_model_config, load_tokenizer
+from medgpt.model import build_model, check_model_shape, load_model_config, load_tokenizer, share_with_transformers
 from medgpt.outputs import check_output_dir
 from medgpt.preemption import PREEMPTED_EXIT, StopRequest, watch_deepspeed_launcher
 from medgpt.pubmedqa import Record, load_records, official_split
@@ -298,7 +298,7 @@ def train(cfg: Config) -> None:
     # --- Model and engine. The HfDeepSpeedConfig stays alive for the whole run: transformers
     # reads it to keep ZeRO-3 ranks in step when generating.
     model = build_model(cfg.model, model_config, ds_config, seed=t.seed)
-    hf_deepspeed_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    hf_deepspeed_config = share_with_transformers(ds_config)  # noqa: F841
     schedule = None if "scheduler" in ds_config else functools.partial(
         warmup_cosine, warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps,
         min_ratio=cfg.optim.min_lr_ratio)
