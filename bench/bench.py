@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from medgpt.distributed import free_port
+from medgpt.memory_plan import GiB
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -204,7 +205,7 @@ def run_baseline(work: Work, steps: int, run_dir: Path, nproc: int, env: dict[st
                tokens=[sum(r["tokens"] for r in step) for step in per_step],
                positions=[sum(r["positions"] for r in step) for step in per_step],
                flops=[sum(r["flops"] for r in step) for step in per_step],
-               peak_mem_gib=max(rank["peak_mem_bytes"] for rank in ranks) / 2**30)
+               peak_mem_gib=max(rank["peak_mem_bytes"] for rank in ranks) / GiB)
 
 
 def samples_per_pack(tokenizer: Path, data: Path, seq_len: int, cache_dir: Path) -> float:
@@ -219,8 +220,7 @@ def samples_per_pack(tokenizer: Path, data: Path, seq_len: int, cache_dir: Path)
     records = load_records(str(data))
     split = official_split(records, fold=0)
     cfg = DataConfig(data=str(data), seq_len=seq_len, cache_dir=str(cache_dir), packing=True)
-    alone = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    packs = training_data(records, split, AutoTokenizer.from_pretrained(tokenizer), cfg, alone).train
+    packs = training_data(records, split, AutoTokenizer.from_pretrained(tokenizer), cfg, Dist.single()).train
     return len(split.train) / len(packs)
 
 

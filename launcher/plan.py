@@ -44,8 +44,8 @@ def main(argv: list[str]) -> None:
     gpu_budget = (request.gpu_mem - request.reserve) * GiB
     cpu_budget = None if request.cpu_mem is None else request.cpu_mem * GiB
 
-    print(f"model {request.model}: {shape.num_params:,} parameters, {shape.layers} layers, "
-          f"hidden {shape.hidden}, {shape.heads} heads; largest layer {shape.largest_layer_params:,}")
+    print(f"model {request.model}: {shape.num_params:,} parameters, {shape.n_layer} layers, "
+          f"hidden {shape.n_embd}, {shape.n_head} heads; largest layer {shape.largest_layer_params:,}")
     print(f"{request.nodes} node(s) x {request.gpus} GPU(s) of {request.gpu_mem:g} GiB "
           f"({request.reserve:g} reserved)"
           + ("" if cpu_budget is None else f", {request.cpu_mem:g} GiB host memory per node"))

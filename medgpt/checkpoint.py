@@ -44,13 +44,12 @@ from medgpt.adam_replay import replay_cpu_adam_steps
 from medgpt.config import Config
 from medgpt.distributed import Dist
 from medgpt.errors import UserError
+from medgpt.model_shape import ModelShape
 
 META_FILE = "medgpt.json"
 LATEST_FILE = "latest"
 MANIFEST_FILE = "manifest.json"
 FINISHED_FILE = "finished.json"  # written after the manifest, so not listed in it
-# Fields that fix the parameter shapes: a checkpoint only loads into the same values.
-SHAPE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
 
 
 @dataclass
@@ -98,7 +97,7 @@ class CheckpointMeta:
     readable without torch and before any rank loads it."""
     config: Config  # the run's config as the user gave it
     model_config: dict[str, Any]  # the GPT2Config: an export rebuilds the model from it
-    model_shape: dict[str, Any]  # the fields that fix parameter shapes (see check_same_model)
+    model_shape: ModelShape  # the fields that fix parameter shapes (see check_same_model)
     global_batch: int  # rows per optimizer step: a resume on another world size keeps it
     zero_stage: int
     # The wrapper DeepSpeed put around the optimizer decides the files' layout (medgpt/export.py).
@@ -111,8 +110,9 @@ class CheckpointMeta:
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> CheckpointMeta:
-        known = {f.name for f in dataclasses.fields(cls)} - {"config", "train_state"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"config", "train_state", "model_shape"}
         return cls(config=Config.from_dict(saved["config"]), train_state=TrainState(**saved["train_state"]),
+                   model_shape=ModelShape.from_dict(saved["model_shape"]),
                    **{k: v for k, v in saved.items() if k in known})
 
 
@@ -147,10 +147,6 @@ def _restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def model_shape(config: PretrainedConfig) -> dict[str, Any]:
-    return {k: getattr(config, k, None) for k in SHAPE_FIELDS}
 
 
 def save_checkpoint(engine: Any, output_dir: str | Path, state: TrainState, meta: CheckpointMeta,
@@ -338,9 +334,8 @@ def read_meta(tag_dir: Path) -> CheckpointMeta:
 
 def check_same_model(meta: CheckpointMeta, config: PretrainedConfig, tag_dir: Path) -> None:
     """Refuse a checkpoint of another model shape or vocabulary, before any rank loads it."""
-    saved, current = meta.model_shape, model_shape(config)
-    diffs = [f"{k}: checkpoint {saved.get(k)} vs model {current[k]}"
-             for k in SHAPE_FIELDS if saved.get(k) != current[k]]
+    saved, current = meta.model_shape, ModelShape.from_config(config)
+    diffs = [f"{name}: checkpoint {was} vs model {now}" for name, was, now in saved.differences(current)]
     if diffs:
         raise UserError(f"checkpoint '{tag_dir}' is of another model shape ({'; '.join(diffs)}); "
                         "resume it with the --model it was trained with, or start fresh with --resume none")

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medgpt.cli import Request, arg
-from medgpt.config import DEVICES, HUB_DATASET, PRECISIONS
+from medgpt.config import DEVICES, PRECISIONS
 from medgpt.errors import UserError
 from medgpt.memory_plan import ATTENTIONS
 from medgpt.outputs import check_new_output_dir, check_output_dir
-from medgpt.pubmedqa import NUM_FOLDS
+from medgpt.pubmedqa import HUB_DATASET, NUM_FOLDS, fold_problem
 
 SPLITS = ("test", "dev")
 MODES = ("loglik", "generate")
@@ -46,8 +46,8 @@ class EvalRequest(Request):
 
     def problems(self) -> list[str]:
         problems = []
-        if not 0 <= self.fold < NUM_FOLDS:
-            problems.append(f"fold must be 0..{NUM_FOLDS - 1}, one of the 10 official folds (got {self.fold})")
+        if problem := fold_problem(self.fold):
+            problems.append(problem)
         if self.eval_batch_size < 1 or (self.seq_len is not None and self.seq_len < 32):
             problems.append(f"eval_batch_size must be >= 1 and seq_len >= 32 "
                             f"(got {self.eval_batch_size}, {self.seq_len})")

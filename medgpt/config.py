@@ -18,8 +18,8 @@ import yaml
 from medgpt.cli import add_fields, arg, choice_problems, coerce, field_type, given_values, new_parser
 from medgpt.console import VERBOSE_HELP
 from medgpt.errors import CliParser, UserError
+from medgpt.pubmedqa import HUB_DATASET, NUM_FOLDS, fold_problem
 
-HUB_DATASET = "qiaojin/PubMedQA"
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cuda", "cpu")
 SELECT_BEST = ("none", "macro_f1", "accuracy", "loss")  # loss: the dev answer-token loss, lower is better
@@ -43,7 +43,7 @@ class ModelConfig:
 class DataConfig:
     data: str = arg(HUB_DATASET, help="Hub dataset id (its pqa_labeled subset), a parquet file/folder in the "
                     "Hub's layout, or the original ori_pqal.json")
-    fold: int = arg(0, help="which of the 10 official cross-validation folds (0..9) is dev")
+    fold: int = arg(0, help=f"which of the {NUM_FOLDS} official cross-validation folds (0..{NUM_FOLDS - 1}) is dev")
     seq_len: int = arg(1024, help="longest tokenized sample; contexts are cut to fit")
     long_answer: bool = arg(False, help="train on 'yes. <long answer>' instead of the decision alone")
     cache_dir: str = arg("", help="tokenized-data cache; empty: <HF datasets cache>/medgpt")
@@ -168,8 +168,8 @@ class Config:
         problems += report_to_problems(t.report_to)
         if t.epochs == 0 and t.max_steps == 0:
             problems.append("set epochs or max_steps to more than 0")
-        if not 0 <= d.fold <= 9:
-            problems.append(f"fold must be 0..9, one of the 10 official folds (got {d.fold})")
+        if problem := fold_problem(d.fold):
+            problems.append(problem)
         if d.seq_len < 32:
             problems.append(f"seq_len must be >= 32 (got {d.seq_len})")
         if bad("dropout", not 0 <= m.dropout < 1):

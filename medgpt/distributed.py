@@ -19,6 +19,7 @@ import torch.distributed as torch_dist
 from medgpt.config import DEVICES
 from medgpt.console import library_prints
 from medgpt.errors import STALLED_EXIT, UserError
+from medgpt.launch_env import in_srun_step, rank_env
 from medgpt.op_builds import announce_builds
 
 
@@ -28,6 +29,12 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> Dist:
+        """The one process of a job without a process group (data preparation, tests): rank 0 of 1,
+        whose collectives return their input."""
+        return cls(rank=0, world_size=1, local_rank=0, device=torch.device(device))
 
     @property
     def is_main(self) -> bool:
@@ -94,21 +101,16 @@ def first_slurm_host(nodelist: str) -> str:
     return hosts[0]
 
 
-def _srun_task_env() -> dict[str, str]:
-    """RANK etc. for a task started directly by ``srun`` (one task per GPU), from SLURM's variables.
-
-    Only srun steps carry SLURM_STEP_ID: a plain ``python`` in a batch script also sees
-    SLURM_PROCID and SLURM_NTASKS (the job's), but it is one process, not one task of many.
-    MASTER_ADDR / MASTER_PORT already in the environment win.
-    """
+def _srun_rendezvous() -> dict[str, str]:
+    """MASTER_ADDR and MASTER_PORT of the tasks of an srun step: the first host of the job and a
+    port from its id. Values already in the environment win."""
     env = os.environ
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env["SLURM_LOCALID"],
-            "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"]),
+    return {"MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"]),
             "MASTER_PORT": env.get("MASTER_PORT") or str(slurm_master_port(int(env["SLURM_JOB_ID"])))}
 
 
-def _single_process_env() -> dict[str, str]:
-    return dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+def _single_process_rendezvous() -> dict[str, str]:
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
 
 
 def _set_group_timeout(seconds: float) -> timedelta:
@@ -127,7 +129,8 @@ def adopt_launcher_env() -> None:
     derived for an srun task or a lone process. A job's first step: a SLURM node list that does not
     resolve is reported at once, before any other work."""
     if "RANK" not in os.environ:
-        os.environ.update(_srun_task_env() if "SLURM_STEP_ID" in os.environ else _single_process_env())
+        rendezvous = _srun_rendezvous() if in_srun_step() else _single_process_rendezvous()
+        os.environ.update({**rank_env(), **rendezvous})
 
 
 def init_distributed(device: str = "auto", deepspeed_comm: bool = True,

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
+
+from medgpt.launch_env import launch_rank
 
 USER_ERROR_EXIT = 2
 DIVERGED_EXIT = 3
@@ -115,14 +116,6 @@ def _is_number(token: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def launch_rank() -> int:
-    """This process's rank as its launcher set it before any process group exists: RANK (torchrun,
-    the deepspeed launcher) or, for a task of an srun step, SLURM_PROCID (as medgpt.distributed)."""
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"])
-    return int(os.environ.get("SLURM_PROCID", "0")) if "SLURM_STEP_ID" in os.environ else 0
 
 
 def run_cli(main: Callable[[], None]) -> None:

@@ -19,11 +19,11 @@ from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHead
 from medgpt.checkpoint import ds_to_universal, read_finished, read_meta, resolve_checkpoint
 from medgpt.console import library_prints
 from medgpt.errors import UserError
+from medgpt.model import TORCH_DTYPES
 from medgpt.model_card import CONFIG_KEY, export_facts, write_model_card
 from medgpt.outputs import check_new_output_dir
 from medgpt.safe_load import check_checkpoint_files, load_weights
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0's full module state
 TEST_METRICS = "test_metrics.json"  # a run's test scores in its output_dir (train.py, scoring.write_results)
 
@@ -85,8 +85,8 @@ def run_test_metrics(tag_dir: Path) -> dict[str, Any] | None:
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "fp32") -> Path:
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype '{dtype}' is unknown; use one of {', '.join(DTYPES)}")
+    if dtype not in TORCH_DTYPES:
+        raise UserError(f"--dtype '{dtype}' is unknown; use one of {', '.join(TORCH_DTYPES)}")
     tag_dir = resolve_checkpoint(checkpoint, "--checkpoint")  # verified against its manifest
     output = Path(output)
     check_new_output_dir(output, "export folder")
@@ -104,7 +104,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "
         raise UserError(f"checkpoint '{tag_dir}' does not match its model config "
                         f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
     model.tie_weights()
-    model.to(DTYPES[dtype]).eval()
+    model.to(TORCH_DTYPES[dtype]).eval()
     model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                                                pad_token_id=config.eos_token_id)
     model.save_pretrained(str(output), safe_serialization=True)

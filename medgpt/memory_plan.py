@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from medgpt.config import ModelConfig
 from medgpt.errors import UserError
-
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+from medgpt.model_shape import ModelShape
 
 GiB = 2**30
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -30,48 +27,6 @@ GPT2_SIZES = {
     "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
     "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25),
 }
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a GPT2Config that memory depends on."""
-    vocab_size: int
-    n_positions: int
-    hidden: int
-    layers: int
-    heads: int
-    inner: int  # MLP width (n_inner, 4 * hidden unless set)
-    tied_head: bool  # lm_head shares wte's weight (GPT-2 does)
-
-    @classmethod
-    def from_config(cls, config: PretrainedConfig) -> ModelShape:
-        return cls(vocab_size=config.vocab_size, n_positions=config.n_positions, hidden=config.n_embd,
-                   layers=config.n_layer, heads=config.n_head, inner=config.n_inner or 4 * config.n_embd,
-                   tied_head=config.tie_word_embeddings)
-
-    @property
-    def layer_params(self) -> int:
-        """One GPT2Block: two LayerNorms, c_attn (h -> 3h), attention c_proj, c_fc (h -> inner), MLP c_proj."""
-        h, f = self.hidden, self.inner
-        return 2 * (2 * h) + (h * 3 * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
-
-    @property
-    def body_params(self) -> int:
-        """The blocks and the final LayerNorm: everything but the embeddings and the LM head."""
-        return self.layers * self.layer_params + 2 * self.hidden
-
-    @property
-    def num_params(self) -> int:
-        embeddings = (self.vocab_size + self.n_positions) * self.hidden
-        head = 0 if self.tied_head else self.vocab_size * self.hidden
-        return embeddings + self.body_params + head
-
-    @property
-    def largest_layer_params(self) -> int:
-        """The most parameters one module holds itself: what ZeRO-3 gathers at once (DeepSpeed's
-        stage3.model_to_params). For every GPT-2 size it is the token embedding."""
-        h, f = self.hidden, self.inner
-        return max(self.vocab_size * h, self.n_positions * h, h * 3 * h + 3 * h, h * f + f, f * h + h)
 
 
 def load_shape(model: str) -> ModelShape:
@@ -234,9 +189,9 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> int:
     - dropout: two 1-byte masks of s*b*h (attention and MLP residual dropout; CUDA's masks are
       bool). The paper's 34 is 32 values + 2 masks: GPT-2 here keeps 24 more bytes per s*b*h.
     """
-    s, b, h, a, p = work.seq_len, work.micro_batch, shape.hidden, shape.heads, PRECISION_BYTES[work.precision]
+    s, b, h, a, p = work.seq_len, work.micro_batch, shape.n_embd, shape.n_head, PRECISION_BYTES[work.precision]
     # Widths of the kept tensors: 8 of width h, 5 of the MLP's width.
-    kept_width = 8 * h + 5 * shape.inner
+    kept_width = 8 * h + 5 * shape.mlp_width
     per_layer = s * b * (kept_width * p + 2 * h * work.dropout)
     if work.attention == "eager":
         per_layer += a * s * s * b * (p + work.dropout * (p + 1))
@@ -253,9 +208,9 @@ def activation_bytes(shape: ModelShape, work: Workload, checkpointing: bool) -> 
     runs only at labelled positions (medgpt.loss: logits_to_keep), at most b * label_tokens of
     them: p-byte logits, their fp32 log-softmax and its fp32 gradient, each vocab wide.
     """
-    s, b, h, p = work.seq_len, work.micro_batch, shape.hidden, PRECISION_BYTES[work.precision]
+    s, b, h, p = work.seq_len, work.micro_batch, shape.n_embd, PRECISION_BYTES[work.precision]
     layer = layer_activation_bytes(shape, work)
-    blocks = shape.layers * s * b * h * p + layer if checkpointing else shape.layers * layer
+    blocks = shape.n_layer * s * b * h * p + layer if checkpointing else shape.n_layer * layer
     outside = s * b * h * (p + work.dropout)
     logits = min(b * work.label_tokens, b * s) * shape.vocab_size * (p + 8)
     return blocks + outside + logits

@@ -21,6 +21,8 @@ from medgpt.config import ModelConfig
 from medgpt.errors import UserError
 
 DEFAULT_TOKENIZER = "gpt2"
+# medgpt's precision names (config.PRECISIONS) as torch dtypes: of a run's matmuls and of exported weights.
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _is_config_file(name: str) -> bool:
@@ -80,9 +82,11 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str, Any],
                 seed: int) -> tuple[PreTrainedModel, HfDeepSpeedConfig]:
     """The model to train, identical on every rank and for every ZeRO stage, and the
-    HfDeepSpeedConfig that must stay alive as long as the model is used: transformers holds it by
-    weak reference (integrations/deepspeed.py) to load pretrained weights inside zero.Init and to
-    keep ZeRO-3 ranks in step when generating.
+    HfDeepSpeedConfig that shares ds_config with transformers: keep it referenced as long as the
+    model is used. transformers holds it by weak reference only (integrations/deepspeed.py:267-293)
+    and asks it whether ZeRO-3 is on: ``from_pretrained`` then loads inside zero.Init
+    (modeling_utils.py:1435) and ``generate`` keeps ZeRO-3 ranks in step (generation/utils.py:2567,
+    synced_gpus); once it is collected, transformers silently acts as if there were no DeepSpeed.
 
     A random init is built whole on each rank and partitioned by DeepSpeed at initialize:
     under zero.Init transformers draws the same distributions in another RNG order, so the

@@ -83,8 +83,7 @@ def _usage_section(folder: Path) -> str:
 
 def _training_section(meta: CheckpointMeta, facts: dict[str, Any]) -> str:
     cfg, shape = meta.config, meta.model_shape
-    rows = [("model", f"{cfg.model.model} ({shape['n_layer']} layers, width {shape['n_embd']}, "
-                      f"{shape['n_head']} heads)"),
+    rows = [("model", f"{cfg.model.model} ({shape.n_layer} layers, width {shape.n_embd}, {shape.n_head} heads)"),
             ("data", f"{cfg.data.data}, PubMedQA pqa_labeled, official split, fold {facts['fold']}: "
                      "450 training / 50 dev questions"),
             ("steps", f"{facts['step']} optimizer steps of {meta.global_batch} "

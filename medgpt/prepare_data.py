@@ -2,8 +2,6 @@
 internet, for compute nodes without. A later run with the same data flags only reads it."""
 from __future__ import annotations
 
-import torch
-
 from medgpt.config import Config
 from medgpt.data import padding_fraction, training_data
 from medgpt.distributed import Dist
@@ -15,8 +13,7 @@ def prepare_data(cfg: Config) -> None:
     records = load_records(cfg.data.data)
     split = official_split(records, cfg.data.fold)
     tokenizer = load_tokenizer(cfg.model)
-    alone = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))  # no process group needed
-    data = training_data(records, split, tokenizer, cfg.data, alone)
+    data = training_data(records, split, tokenizer, cfg.data, Dist.single())
     print(f"medgpt: {'reused' if data.reused else 'built'} training data cache {data.cache}")
     print(f"medgpt: {len(records)} questions tokenized, {len(split.train)} for training (fold {cfg.data.fold}), "
           f"seq_len {cfg.data.seq_len}")

@@ -9,14 +9,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medgpt.config import HUB_DATASET
 from medgpt.errors import UserError
 
 if TYPE_CHECKING:
     import datasets
 
+HUB_DATASET = "qiaojin/PubMedQA"
 DECISIONS = ("yes", "no", "maybe")
-NUM_FOLDS = 10
+NUM_FOLDS = 10  # the official cross-validation folds of the training half
+
+
+def fold_problem(fold: int) -> str | None:
+    """What is wrong with a --fold value (None: it names one of the official folds)."""
+    if 0 <= fold < NUM_FOLDS:
+        return None
+    return f"fold must be 0..{NUM_FOLDS - 1}, one of the {NUM_FOLDS} official folds (got {fold})"
 
 
 @dataclass(frozen=True)
@@ -147,8 +154,8 @@ def _require_every_part(parts: list[list[int]], questions: int) -> None:
 def official_split(records: list[Record], fold: int) -> Split:
     """500 test questions and fold ``fold`` of the 10 CV folds (450 train / 50 dev), reproduced
     from the official procedure: random.seed(0), records in file order."""
-    if not 0 <= fold < NUM_FOLDS:
-        raise UserError(f"fold must be 0..{NUM_FOLDS - 1} (got {fold})")
+    if problem := fold_problem(fold):
+        raise UserError(problem)
     rng = random.Random(0)
     labels = [r.final_decision for r in records]
     train_dev, test = _stratified_split(list(range(len(records))), labels, 2, rng)

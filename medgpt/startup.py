@@ -20,7 +20,6 @@ from medgpt.checkpoint import (
     convert_to_universal,
     find_checkpoint,
     load_checkpoint,
-    model_shape,
     save_checkpoint,
     universal_dir,
 )
@@ -28,9 +27,11 @@ from medgpt.config import Config
 from medgpt.data import ResumableDistributedSampler, eval_loader, train_loader, training_data
 from medgpt.distributed import Dist, adopt_launcher_env
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
-from medgpt.errors import UserError, check_all, launch_rank
+from medgpt.errors import UserError, check_all
+from medgpt.launch_env import launch_rank
 from medgpt.lr_schedule import warmup_cosine
 from medgpt.model import build_model, check_model_shape, load_model_config, load_tokenizer
+from medgpt.model_shape import ModelShape
 from medgpt.op_builds import announce_builds, optimizer_builders
 from medgpt.outputs import check_output_dir
 from medgpt.pubmedqa import Record, Split, load_records, official_split
@@ -152,7 +153,8 @@ def build_engine(cfg: Config, inputs: Inputs, plan: ResumePlan, ds_config: dict[
     if plan.checkpoint:
         tag = convert_to_universal(plan.checkpoint, dist) if plan.reshard else plan.checkpoint
         state = load_checkpoint(engine, tag, dist)
-    meta = CheckpointMeta(config=cfg, model_config=model_config.to_dict(), model_shape=model_shape(model_config),
+    meta = CheckpointMeta(config=cfg, model_config=model_config.to_dict(),
+                          model_shape=ModelShape.from_config(model_config),
                           global_batch=t.micro_batch_size * plan.grad_accum * dist.world_size,
                           zero_stage=zero_stage(ds_config), optimizer=type(engine.optimizer).__name__)
     save = functools.partial(save_checkpoint, engine, t.output_dir, state, meta, inputs.tokenizer, dist, t.keep_last)

@@ -17,15 +17,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
-from medgpt.memory_plan import ModelShape
-
-GIB = 2**30
-
-
-def body_params(config: PretrainedConfig) -> int:
-    """Parameters of the GPT-2 blocks and the final LayerNorm: all but the token and position
-    embeddings (a lookup costs no FLOPs; the tied LM head is counted apart, at answer positions)."""
-    return ModelShape.from_config(config).body_params
+from medgpt.memory_plan import GiB
+from medgpt.model import TORCH_DTYPES
+from medgpt.model_shape import ModelShape
 
 
 def step_flops(config: PretrainedConfig, sample_lengths: torch.Tensor | Sequence[int], answer_tokens: int) -> float:
@@ -43,9 +37,10 @@ def step_flops(config: PretrainedConfig, sample_lengths: torch.Tensor | Sequence
     """
     lengths = torch.as_tensor(sample_lengths, dtype=torch.int64)
     tokens, squares = int(lengths.sum()), int((lengths * lengths).sum())
-    h = config.n_embd
-    return (6 * body_params(config) * tokens + 12 * config.n_layer * h * squares
-            + 6 * h * config.vocab_size * answer_tokens)
+    shape = ModelShape.from_config(config)
+    h = shape.n_embd
+    return (6 * shape.body_params * tokens + 12 * shape.n_layer * h * squares
+            + 6 * h * shape.vocab_size * answer_tokens)
 
 
 def _tensor_core(half: float, tf32: float, fp32: float) -> dict[str, float]:
@@ -76,9 +71,6 @@ GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
     ("V100S", {"fp16": 130.0, "fp32": 16.4}),
     ("T4", {"fp16": 65.0, "fp32": 8.1}),
 ]
-
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def use_tf32(device: torch.device, enabled: bool) -> None:
     """fp32 matmuls on TF32 tensor cores (Ampere and newer: ~8x the fp32 rate, 10-bit mantissa
@@ -189,7 +181,7 @@ class ThroughputWindow:
                    "perf/step_time_s": self.seconds / self.steps, "perf/tflops": tflops,
                    "perf/mfu": tflops / peak_tflops_total,
                    "perf/padding_fraction": 1 - self.tokens / self.positions}
-        scalars.update({f"perf/peak_mem_gib/rank{r}": b / GIB for r, b in enumerate(peak_mem_per_rank)})
+        scalars.update({f"perf/peak_mem_gib/rank{r}": b / GiB for r, b in enumerate(peak_mem_per_rank)})
         return scalars
 
 

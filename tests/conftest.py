@@ -13,9 +13,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
-import torch
 
-from medgpt.distributed import Dist, free_port
+from medgpt.distributed import free_port
 from medgpt.errors import USER_ERROR_EXIT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,11 +193,6 @@ def snapshot(path: Path) -> dict[str, tuple[bytes | None, int]]:
     entries = [path, *path.rglob("*")] if path.is_dir() else [path]
     return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
             for p in entries}
-
-
-def solo() -> Dist:
-    """The one process of a run without torch.distributed."""
-    return Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def read_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from conftest import ORI_JSON, REPO, TINY_MODEL, TOKENIZER, check_ok, launch, read_scalars, refused, solo, tiny_args
+from conftest import ORI_JSON, REPO, TINY_MODEL, TOKENIZER, check_ok, launch, read_scalars, refused, tiny_args
 from medgpt.config import DataConfig
 from medgpt.data import (
     ResumableDistributedSampler,
@@ -31,8 +31,8 @@ def real_data(tmp_path_factory):
     train_rows = official_split(records, fold=0).train
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
     cfg = DataConfig(seq_len=1024, cache_dir=str(tmp_path_factory.mktemp("pack-cache")))
-    tokens = tokenized_dataset(records, tokenizer, cfg, solo())
-    return tokens, train_rows, packed_dataset(tokens, train_rows, cfg.seq_len, solo())
+    tokens = tokenized_dataset(records, tokenizer, cfg, Dist.single())
+    return tokens, train_rows, packed_dataset(tokens, train_rows, cfg.seq_len, Dist.single())
 
 
 def test_packs_hold_every_training_sample_once_with_little_padding(real_data):

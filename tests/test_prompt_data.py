@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import ORI_JSON, TOKENIZER, solo
+from conftest import ORI_JSON, TOKENIZER
 from medgpt.config import DataConfig
 from medgpt.data import ResumableDistributedSampler, collate, eval_loader, tokenized_dataset, train_loader
 from medgpt.distributed import Dist
@@ -40,15 +40,15 @@ def test_truncation_cuts_contexts_never_question_or_answer(tokenizer):
 def test_tokenized_cache_is_built_once_and_reused(tokenizer, tmp_path):
     records = load_records(str(ORI_JSON))[:50]
     cfg = DataConfig(seq_len=256, cache_dir=str(tmp_path))
-    first = tokenized_dataset(records, tokenizer, cfg, solo())
+    first = tokenized_dataset(records, tokenizer, cfg, Dist.single())
     built = list(tmp_path.iterdir())
     assert len(built) == 1 and first.cache_files  # memory-mapped from the on-disk cache
-    again = tokenized_dataset(records, tokenizer, cfg, solo())
+    again = tokenized_dataset(records, tokenizer, cfg, Dist.single())
     assert list(tmp_path.iterdir()) == built
     assert again["input_ids"] == first["input_ids"]
     assert max(len(ids) for ids in first["input_ids"]) <= 256
     # Another seq_len is another cache entry.
-    tokenized_dataset(records, tokenizer, DataConfig(seq_len=128, cache_dir=str(tmp_path)), solo())
+    tokenized_dataset(records, tokenizer, DataConfig(seq_len=128, cache_dir=str(tmp_path)), Dist.single())
     assert len(list(tmp_path.iterdir())) == 2
 
 
@@ -95,9 +95,9 @@ def test_iterating_the_loaders_leaves_the_dropout_rng_alone():
     """The global torch RNG draws the dropout masks and is checkpointed: a resumed run restores it
     and then starts its loaders again, so a loader that drew from it would shift every later mask."""
     rows = [{"input_ids": [i, i], "labels": [i, i]} for i in range(8)]
-    sampler = ResumableDistributedSampler(rows, solo(), seed=0)
+    sampler = ResumableDistributedSampler(rows, Dist.single(), seed=0)
     sampler.set_epoch(0, consumed=4)  # as a resumed run starts its epoch
     before = torch.get_rng_state()
     assert len(list(train_loader(rows, sampler, 2, pad_id=0, packed=False, device=torch.device("cpu")))) == 2
-    assert len(list(eval_loader(rows, solo(), 2, pad_id=0))) == 4
+    assert len(list(eval_loader(rows, Dist.single(), 2, pad_id=0))) == 4
     assert torch.equal(torch.get_rng_state(), before)

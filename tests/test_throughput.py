@@ -10,8 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import REPO, TINY_MODEL, check_ok, launch, read_scalars, tiny_args
 from medgpt.data import collate
 from medgpt.loss import count_label_tokens, label_loss_sum
+from medgpt.model_shape import ModelShape
 from medgpt.prompt import IGNORE_INDEX
-from medgpt.throughput import body_params, measure_peak_tflops, step_flops, table_peak_tflops
+from medgpt.throughput import measure_peak_tflops, step_flops, table_peak_tflops
 
 PERF_TAGS = ("perf/tokens_per_s", "perf/samples_per_s", "perf/step_time_s", "perf/tflops", "perf/mfu",
              "perf/padding_fraction", "perf/peak_mem_gib/rank0")
@@ -26,7 +27,8 @@ def model_from(config_file):
 def test_body_params_are_the_model_without_embeddings(config_file):
     config, model = model_from(config_file)
     embeddings = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
-    assert body_params(config) == model.num_parameters() - embeddings  # the LM head is tied to wte
+    # The LM head is tied to wte.
+    assert ModelShape.from_config(config).body_params == model.num_parameters() - embeddings
 
 
 def test_step_flops_match_torch_flop_counter():
@@ -85,7 +87,7 @@ def test_two_rank_run_logs_perf_scalars(two_rank_reference):
     assert "perf/peak_mem_gib/rank2" not in scalars
     values = {tag: dict(series) for tag, series in scalars.items()}
     config = transformers.GPT2Config.from_json_file(TINY_MODEL)
-    h = config.n_embd
+    h, body = config.n_embd, ModelShape.from_config(config).body_params
     for step in steps:
         v = {tag: values[tag][step] for tag in values if tag.startswith("perf/")}
         assert 0 < v["perf/mfu"] <= 1 and v["perf/step_time_s"] > 0
@@ -100,9 +102,9 @@ def test_two_rank_run_logs_perf_scalars(two_rank_reference):
         # Rows are padded to the longest of their micro-batch of 2: padding is there, and below half.
         assert 0 <= v["perf/padding_fraction"] < 0.5
         # Attention's sum of squared lengths is at least tokens^2 / samples (equal lengths).
-        low = (6 * body_params(config) * tokens + 12 * config.n_layer * h * tokens**2 / 8
+        low = (6 * body * tokens + 12 * config.n_layer * h * tokens**2 / 8
                + 6 * h * config.vocab_size * 8)
-        high = (6 * body_params(config) * tokens + 12 * config.n_layer * h * 384 * tokens
+        high = (6 * body * tokens + 12 * config.n_layer * h * 384 * tokens
                 + 6 * h * config.vocab_size * 16)
         assert low * 0.999 <= flops <= high * 1.001
     # MFU is achieved / peak with one peak for the run: the implied peak is a CPU's (1 GFLOPS..10 TFLOPS).
