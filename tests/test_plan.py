@@ -9,8 +9,6 @@ from deepspeed.runtime.zero.stage3 import model_to_params as zero3_model_to_para
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from conftest import REPO, TINY_MODEL, check_ok, launch, refused
-from medgpt.checkpoint import check_same_model
-from medgpt.errors import UserError
 from medgpt.loss import label_loss_sum
 from medgpt.memory_plan import (
     GPT2_SIZES,
@@ -46,18 +44,6 @@ def test_untied_head_and_custom_mlp_width_count(tmp_path):
     config = transformers.GPT2Config(n_embd=64, n_layer=3, n_head=4, n_inner=96, tie_word_embeddings=False)
     config.save_pretrained(tmp_path)  # a save_pretrained folder is a model input too
     assert load_shape(str(tmp_path)).num_params == meta_model(config).num_parameters()
-
-
-def test_checkpoint_meta_shape_of_earlier_medgpt_still_compares(tmp_path):
-    """Checkpoints written before ModelShape stored six raw GPT2Config fields (n_inner None: 4 * n_embd)."""
-    config = transformers.GPT2Config.from_json_file(TINY_MODEL)
-    earlier = {k: getattr(config, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")}
-    assert earlier["n_inner"] is None
-    check_same_model({"model_shape": earlier}, config, tmp_path)  # the same model: no error
-    check_same_model({"model_shape": ModelShape.from_config(config).to_dict()}, config, tmp_path)
-    with pytest.raises(UserError, match=r"another model shape \(n_embd: checkpoint 64 vs model 128\)"):
-        check_same_model({"model_shape": earlier}, transformers.GPT2Config(**{**config.to_dict(), "n_embd": 128}),
-                         tmp_path)
 
 
 @pytest.mark.parametrize("gpus,nodes", [(1, 1), (8, 1), (4, 2)])
