@@ -122,12 +122,13 @@ def local_sweep(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> d
     finally:
         proc.kill()
     stopped = subprocess.CompletedProcess(proc.args, proc.returncode, (root / "first.log").read_text(), "")
+    started = sorted(p.name for p in (out / "runs").iterdir())
     # 2. Rerun, now one python process a run: the stopped run resumes, the three others run.
     rerun = sweep(out, "--launcher", "python", train=train)
     mtimes = {name: (out / "runs" / name / "test_metrics.json").stat().st_mtime_ns for name in RUN_NAMES}
     # 3. Everything finished: skipped, nothing started.
     again = sweep(out, "--launcher", "python", train=train)
-    return dict(out=out, stopped=stopped, rerun=rerun, again=again, mtimes=mtimes)
+    return dict(out=out, stopped=stopped, started=started, rerun=rerun, again=again, mtimes=mtimes)
 
 
 @pytest.mark.e2e
@@ -136,7 +137,7 @@ def test_sweep_stops_on_a_signal_after_its_run_saved(local_sweep):
     assert stopped.returncode == PREEMPTED_EXIT, stopped.stdout[-3000:]
     assert "sweep: SIGTERM received" in stopped.stdout
     assert f"not started: {', '.join(RUN_NAMES[1:])}" in stopped.stdout
-    assert sorted(p.name for p in (out / "runs").iterdir()) == RUN_NAMES[:1]
+    assert local_sweep["started"] == RUN_NAMES[:1]
     log = (out / "logs" / f"{RUN_NAMES[0]}.log").read_text()
     assert "deepspeed.launcher.runner --num_gpus 1" in log and "stop requested (SIGTERM): saved step" in log
 
@@ -176,8 +177,7 @@ def test_each_run_is_a_normal_run_of_its_fold_and_seed(local_sweep):
         assert (run / "export" / "model.safetensors").is_file()
         assert [s for s, _ in read_scalars(run)["train/loss"]] == list(range(1, STEPS + 1))
     # Seeds and folds differ: so do the runs' losses.
-    first_losses = {name: read_scalars(out / "runs" / name)["train/loss"][0][1] for name in RUN_NAMES}
-    assert len(set(first_losses.values())) == 4
+    assert len({tuple(read_scalars(out / "runs" / name)["train/loss"]) for name in RUN_NAMES}) == 4
 
 
 @pytest.mark.e2e
@@ -220,20 +220,21 @@ def test_sweep_as_a_slurm_job_array(slurm_env, data_cache, tmp_path):  # noqa: F
     wait_until(slurm_env, task0, lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING", "the requeue")
     time.sleep(2)  # not within the second of the old run's credential (tests/test_slurm.py)
     wait_until(slurm_env, task0, lambda i: i["JobState"] != "PENDING" or release_now(slurm_env, task0), "restart")
+    # The report job runs only once every task has succeeded (afterok; a failed task cancels it).
     done = wait_until(slurm_env, report, lambda i: i["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"),
                       "the report job", timeout=900)
-    logs = {i: next((out / "logs").glob(f"*-{array}_{i}.out")).read_text(errors="replace") for i in range(4)}
+    report_log = next((out / "logs").glob(f"*-report-{report}.out"))  # it ran
+    logs = [next((out / "logs").glob(f"*-{array}_{i}.out")).read_text(errors="replace") for i in range(4)]
     for i, name in enumerate(RUN_NAMES):
-        info = job_info(slurm_env, f"{array}_{i}")
-        assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1" if i == 0 else "0"), (
-            info, logs[i][-3000:])
-        assert f"sweep {out}, run {i}" in logs[i] and "1 node(s) x 2 rank(s)" in logs[i]
+        assert f"sweep {out}, run {i}" in logs[i] and "1 node(s) x 2 rank(s)" in logs[i], logs[i][-3000:]
         cfg = yaml.safe_load((out / "runs" / name / "config.yaml").read_text())
         assert (cfg["data"]["fold"], cfg["train"]["seed"]) == (int(name[4]), int(name[-1]))
         assert [s for s, _ in read_scalars(out / "runs" / name)["train/loss"]] == list(range(1, 21))  # each once
-    assert "stop requested (SIGUSR1): saved step" in logs[0] and "(restart 1)" in logs[0]
-    assert all("(restart 1)" not in logs[i] and logs[i].count("(restart 0)") == 1 for i in (1, 2, 3))
-    # The report job ran after every task succeeded (launcher/report.py: merged from the report branch).
-    assert (done["JobState"], done["ExitCode"]) == ("COMPLETED", "0:0"), next(
-        (out / "logs").glob(f"*-report-{report}.out")).read_text()[-3000:]
+        assert (out / "runs" / name / "export" / "model.safetensors").is_file()
+    # Only the preempted task restarted (SLURM forgets finished tasks after MinJobAge: their logs say it).
+    assert "stop requested (SIGUSR1): saved step" in logs[0] and "requeueing job" in logs[0]
+    assert logs[0].count("(restart 0)") == 1 and logs[0].count("(restart 1)") == 1
+    assert all(log.count("(restart 0)") == 1 and "(restart 1)" not in log for log in logs[1:])
+    # launcher/report.py comes from the report branch: this holds once it is merged.
+    assert (done["JobState"], done["ExitCode"]) == ("COMPLETED", "0:0"), report_log.read_text()[-3000:]
     assert (out / "report.md").is_file()
