@@ -8,6 +8,7 @@
 #   MEDGPT_ARGS            more medgpt flags, split on spaces; the script's own arguments follow them
 #   MEDGPT_NPROC_PER_NODE  ranks per node (default: SLURM's GPUs on the node, else 1)
 #   MEDGPT_MASTER_PORT     rendezvous port (default: derived from the job id, see below)
+#   MEDGPT_SWEEP           set by launcher/sweep.py --slurm: this array task runs one run of that sweep
 
 die() {  # bad input: one clear line, exit code 2 (as medgpt itself does)
     echo "medgpt-slurm: error: $*" >&2
@@ -48,6 +49,16 @@ medgpt_args=(--output_dir "$output_dir" --resume auto)
 [[ -n ${MEDGPT_DS_CONFIG:-} ]] && medgpt_args+=(--ds_config "$MEDGPT_DS_CONFIG")
 read -r -a extra <<<"${MEDGPT_ARGS:-}"
 medgpt_args+=("${extra[@]}" "$@")
+# A task of a sweep's job array (launcher/sweep.py --slurm sets MEDGPT_SWEEP): run <task id> of the
+# sweep's sweep.json, whose flags (its output_dir, fold, seed, grid values) come last and win.
+if [[ -n ${MEDGPT_SWEEP:-} ]]; then
+    [[ -n ${SLURM_ARRAY_TASK_ID:-} ]] || die "MEDGPT_SWEEP is set but job $SLURM_JOB_ID is not an array task; submit sweeps with launcher/sweep.py --slurm"
+    run_flags=$("$python" -m medgpt.sweep_plan "$MEDGPT_SWEEP" "$SLURM_ARRAY_TASK_ID") \
+        || die "no run $SLURM_ARRAY_TASK_ID in the sweep $MEDGPT_SWEEP (the line above says why)"
+    mapfile -t run_flags <<<"$run_flags"
+    medgpt_args+=("${run_flags[@]}")
+    echo "medgpt-slurm: sweep $MEDGPT_SWEEP, run $SLURM_ARRAY_TASK_ID (array job ${SLURM_ARRAY_JOB_ID:-?})"
+fi
 
 echo "medgpt-slurm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
      "$SLURM_NNODES node(s) x $nproc_per_node rank(s), rendezvous $head_host:$master_port"

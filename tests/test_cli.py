@@ -1,4 +1,4 @@
-"""The six launchers' command lines: built from the dataclasses (medgpt.cli), every flag explained
+"""The launchers' command lines: built from the dataclasses (medgpt.cli), every flag explained
 with its default and choices, the same name for the same thing everywhere, and --help answered
 without loading torch."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from medgpt.commands import EvalRequest, PlanRequest
 from medgpt.config import parse_config
 from medgpt.errors import UserError
 
-LAUNCHERS = ("train", "prepare_data", "evaluate", "export", "generate", "plan", "report")
+LAUNCHERS = ("train", "prepare_data", "evaluate", "export", "generate", "plan", "report", "sweep")
 HEAVY = ("torch", "deepspeed", "transformers", "datasets")
 # Flags whose values are a fixed set: their metavar lists it, as argparse's choices would.
 CHOICES = {"precision": "{fp32,bf16,fp16}", "dtype": "{fp32,bf16,fp16}", "device": "{auto,cuda,cpu}",
