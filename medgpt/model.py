@@ -77,8 +77,9 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str, Any], seed: int) -> PreTrainedModel:
-    """The model to train, identical on every rank and for every ZeRO stage.
+def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str, Any], seed: int) -> torch.nn.Module:
+    """The model to train, identical on every rank and for every ZeRO stage: GPT-2, or with
+    ``--lora_r`` a peft model of it with adapters (medgpt/lora.py).
 
     A random init is built whole on each rank and partitioned by DeepSpeed at initialize:
     under zero.Init transformers draws the same distributions in another RNG order, so the
@@ -96,6 +97,10 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str,
         # transformers' default: non-reentrant torch checkpointing of every block, which works with
         # ZeRO-3's gathered parameters.
         model.activation_checkpointing_enable()
+    if cfg.lora_r:
+        from medgpt.lora import add_adapters  # imports peft, an optional extra
+
+        model = add_adapters(model, cfg)
     return model
 
 

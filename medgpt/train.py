@@ -41,6 +41,7 @@ from medgpt.distributed import Dist, adopt_launcher_env, exit_on_collective_time
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from medgpt.errors import TrainingDiverged, UserError, check_all, launch_rank
 from medgpt.export import export_checkpoint
+from medgpt.lora import check_same_lora, trainable_parameters
 from medgpt.loss import count_label_tokens, label_loss_sum
 from medgpt.lr_schedule import warmup_cosine
 from medgpt.model import build_model, check_model_shape, load_model_config, load_tokenizer
@@ -248,6 +249,7 @@ def train(cfg: Config) -> None:
     saved = read_meta(resume_from) if resume_from else None
     if saved:
         check_same_model(saved, model_config, resume_from)
+        check_same_lora(saved, cfg.model, resume_from)
         _check_same_packing(saved, cfg.data, resume_from)
         accum = _accumulation_for(saved, t.micro_batch_size, dist.world_size)
         if accum != t.grad_accum and dist.is_main:
@@ -302,8 +304,8 @@ def train(cfg: Config) -> None:
     schedule = None if "scheduler" in ds_config else functools.partial(
         warmup_cosine, warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps,
         min_ratio=cfg.optim.min_lr_ratio)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
-                                           lr_scheduler=schedule)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable_parameters(model),
+                                           config=ds_config, lr_scheduler=schedule)
     torch.manual_seed(t.seed + dist.rank)  # dropout masks differ across ranks, reproducibly
     state = TrainState()
     if resume_from:
