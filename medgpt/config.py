@@ -159,7 +159,11 @@ class Config:
             problems.append(f"seq_len must be >= 32 (got {d.seq_len})")
         if bad("dropout", not 0 <= m.dropout < 1):
             problems.append(f"dropout must be in [0, 1) (got {m.dropout})")
-        problems += _lora_problems(m, nonfinite)
+        problems += lora_problems(m, nonfinite)
+        # find_spec imports nothing: --help and bad flags stay fast.
+        if m.lora_r > 0 and importlib.util.find_spec("peft") is None:
+            problems.append(f"--lora_r {m.lora_r} needs peft, which is not installed: pip install 'medgpt[lora]' "
+                            "(or --lora_r 0 for full fine-tuning)")
         if bad("lr", o.lr <= 0):
             problems.append(f"lr must be > 0 (got {o.lr})")
         for name in ("warmup_steps", "grad_clip", "weight_decay"):
@@ -180,7 +184,8 @@ class Config:
                 if kind is float}
 
 
-def _lora_problems(m: ModelConfig, nonfinite: dict[str, float]) -> list[str]:
+def lora_problems(m: ModelConfig, nonfinite: dict[str, float]) -> list[str]:
+    """The LoRA fields' problems (``nonfinite``: float fields already reported as not finite)."""
     if m.lora_r < 0:
         return [f"lora_r must be >= 0: the adapters' rank, 0 for full fine-tuning (got {m.lora_r})"]
     if m.lora_r == 0:
@@ -194,10 +199,6 @@ def _lora_problems(m: ModelConfig, nonfinite: dict[str, float]) -> list[str]:
         problems.append(f"lora_alpha must be > 0 (got {m.lora_alpha})")
     if "lora_dropout" not in nonfinite and not 0 <= m.lora_dropout < 1:
         problems.append(f"lora_dropout must be in [0, 1) (got {m.lora_dropout})")
-    # find_spec imports nothing: --help and bad flags stay fast.
-    if importlib.util.find_spec("peft") is None:
-        problems.append(f"--lora_r {m.lora_r} needs peft, which is not installed: pip install 'medgpt[lora]' "
-                        "(or --lora_r 0 for full fine-tuning)")
     return problems
 
 

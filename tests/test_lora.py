@@ -27,7 +27,8 @@ from medgpt.checkpoint import read_meta
 from medgpt.config import ModelConfig, parse_config
 from medgpt.errors import UserError
 from medgpt.export import MODEL_STATES, export_checkpoint, fp32_state_dict, training_module
-from medgpt.lora import ADAPTER_DIR, check_same_lora, saved_model_config
+from medgpt.lora import ADAPTER_DIR, check_same_lora, lora_config, saved_model_config
+from medgpt.memory_plan import Strategy, load_shape, lora_params, model_states
 from medgpt.safe_load import load_weights
 
 peft = pytest.importorskip("peft")  # the lora extra; the refusal without it is tested below with peft hidden
@@ -176,7 +177,8 @@ def test_lora_flags_are_validated():
     with pytest.raises(UserError) as err:
         parse_config(["--lora_r", "8", "--lora_targets", "c_attn,wte", "--lora_alpha", "0", "--lora_dropout", "1"])
     assert len(err.value.problems) == 3 and "unknown: wte" in err.value.problems[0]
-    assert "lora_r must be >= 0" in str(pytest.raises(UserError, parse_config, ["--lora_r", "-1"]).value)
+    with pytest.raises(UserError, match="lora_r must be >= 0"):
+        parse_config(["--lora_r", "-1"])
     assert parse_config(["--lora_r", "8"]).model.lora_modules == ["c_attn", "c_proj", "c_fc"]
 
 
@@ -187,3 +189,26 @@ def test_resume_with_other_adapters_is_refused(tmp_path):
         with pytest.raises(UserError, match="other LoRA settings"):
             check_same_lora(meta, other, tmp_path)
     check_same_lora({"config": {"model": {"model": "gpt2"}}}, ModelConfig(), tmp_path)  # before LoRA existed
+
+
+def test_plan_counts_adapters_and_freezes_the_model():
+    shape = load_shape(str(TINY_MODEL))  # hidden 64, MLP 256, 2 layers
+    per_layer = 4 * ((64 + 3 * 64) + (64 + 64) + (256 + 64) + (64 + 256))  # r x (in + out): c_attn, 2 c_proj, c_fc
+    targets = ["c_attn", "c_proj", "c_fc"]
+    assert lora_params(shape, 4, targets) == 2 * per_layer == 8192
+    with torch.device("meta"):  # peft's own count on the real module
+        model = peft.get_peft_model(GPT2LMHeadModel(GPT2Config.from_json_file(TINY_MODEL)),
+                                    lora_config(ModelConfig(lora_r=4)))
+    assert model.get_nb_trainable_parameters() == (8192, shape.num_params + 8192)
+    assert lora_params(shape, 4, ["c_fc"]) == 2 * 4 * (64 + 256)
+    # fp32, 2 GPUs: frozen model kept as parameters (4 bytes each; sharded at ZeRO-3); gradients (4 bytes, fp32
+    # partition) and master + Adam moments (12 bytes) for the adapters only, sharded over the 2 GPUs from ZeRO-1.
+    total, a = shape.num_params + 8192, 8192
+    zero0 = model_states(Strategy(0), shape, "fp32", 2, 1, zero_init=False, adapters=a)
+    assert (zero0.params, zero0.grads, zero0.optimizer) == (4 * total, 4 * a, 8 * a)
+    zero2 = model_states(Strategy(2), shape, "fp32", 2, 1, zero_init=False, adapters=a)
+    assert (zero2.params, zero2.grads, zero2.optimizer) == (4 * total, 4 * a // 2 + 4 * a // 2, 12 * a // 2)
+    zero3 = model_states(Strategy(3), shape, "fp32", 2, 1, zero_init=False, adapters=a)
+    gathered = 4 * shape.largest_layer_params
+    assert (zero3.params, zero3.grads, zero3.optimizer) == (gathered + 4 * total // 2, gathered + 4 * a // 2,
+                                                            12 * a // 2)

@@ -11,5 +11,5 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
 with torch.no_grad():
     logits = model(input_ids=torch.arange(100, 164).reshape(2, 32)).logits
-torch.save({"logits": logits, "class": type(model).__name__, "peft_found": importlib.util.find_spec("peft") is not None},
-           sys.argv[2])
+peft_found = importlib.util.find_spec("peft") is not None
+torch.save({"logits": logits, "class": type(model).__name__, "peft_found": peft_found}, sys.argv[2])
