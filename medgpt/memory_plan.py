@@ -198,7 +198,8 @@ def model_states(strategy: Strategy, shape: ModelShape, precision: str, gpus_per
         gathered = p * largest  # the largest layer's 16-bit params; as many bytes again for its grads
         on_gpu = not strategy.offload_optimizer
         params = gathered + int((not strategy.offload_param) * p * total / n)
-        grads = gathered + int(on_gpu * 4 * trained / n)
+        # With LoRA the largest layer (the token embedding) is frozen: no gradient is gathered for it.
+        grads = gathered * (not adapters) + int(on_gpu * 4 * trained / n)
         optimizer = int(on_gpu * 12 * trained / n)
     return ModelStates(params, grads, optimizer, cpu_bytes(strategy, shape, gpus_per_node, nodes, zero_init))
 
