@@ -270,7 +270,7 @@ def table(work: Work, nproc: int, reps: int, results: dict[str, list[Run]], peak
              f"{work.micro_batch_size} x accumulation {work.grad_accum} = global batch "
              f"{nproc * work.micro_batch_size * work.grad_accum}, seq_len {work.seq_len}, {work.precision}, "
              f"{work.steps} steps, median of {reps} rep(s); packing: {work.packed_micro_batch_size} packed "
-             f"row(s) per micro batch" + (f"; LoRA on {LORA_TARGETS}" if work.lora_r else ""), "",
+             f"row(s) per micro batch" + (f"; LoRA on {','.join(LORA_TARGETS)}" if work.lora_r else ""), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += [fmt_row(name, m, medians[reference(work)], gpu) for name, m in medians.items()]
     return "\n".join(lines)
