@@ -2,6 +2,7 @@
 
     python bench/bench.py                              # both sizes, CPU: 2 ranks on gloo, fp32
     python bench/bench.py --sizes tiny --steps 56 --reps 3 --write
+    python bench/bench.py --sizes gpt2-124m --lora_r 8 --steps 4 --reps 1   # LoRA vs full fine-tuning
 
 Both sides are launched as real ``torchrun`` jobs with the same model shape (random init, one
 seed), tokenizer, PubMedQA training fold, prompt (medgpt's tokenized cache), DeepSpeed JSON,
@@ -10,6 +11,8 @@ micro batch x accumulation x ranks, optimizer steps, learning rate and precision
 :func:`medgpt_modes`), the baseline as ``bench/hf_trainer.py``. Each side first runs once untimed
 (DeepSpeed's JIT-compiled ops and the tokenized-data cache are then warm for both); then the
 repetitions alternate the order of the sides, and the table holds medians over repetitions.
+With ``--lora_r R`` the sides are medgpt's full fine-tuning (length-grouped) and medgpt with LoRA
+adapters of rank R (medgpt/lora.py), everything else alike, and no baseline.
 
 Measured from outside either training loop, the same way for both: the wall-clock end of every
 optimizer step (medgpt: the wall time of its ``train/loss`` TensorBoard event, logged every step;
@@ -43,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from medgpt.config import LORA_TARGETS
 from medgpt.distributed import free_port
 from medgpt.memory_plan import GiB
 
@@ -60,9 +64,17 @@ PACKING, GROUPED = "medgpt, packing", "medgpt, length-grouped"
 def medgpt_modes(work: Work) -> dict[str, dict[str, object]]:
     """Packing counts micro_batch_size in packed rows of up to seq_len tokens: it gets as many
     rows as hold about the samples of one unpacked micro-batch (rounded), so both modes and the
-    baseline train on about the same tokens per step."""
+    baseline train on about the same tokens per step. With LoRA: full fine-tuning and LoRA."""
+    if work.lora_r:
+        return {GROUPED: {"packing": "false"}, f"medgpt, LoRA r{work.lora_r}": {"packing": "false",
+                                                                               "lora_r": work.lora_r}}
     return {PACKING: {"packing": "true", "micro_batch_size": work.packed_micro_batch_size},
             GROUPED: {"packing": "false"}}
+
+
+def reference(work: Work) -> str:
+    """The row the others are compared with: the HF Trainer, or full fine-tuning against LoRA."""
+    return GROUPED if work.lora_r else BASELINE
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,7 @@ class Work:
     warmup_steps: int = 1
     dropout: float = 0.1
     seed: int = 42
+    lora_r: int = 0  # > 0: LoRA against full fine-tuning (medgpt_modes), no baseline
 
     def flags(self, output_dir: Path, steps: int, **overrides: object) -> list[str]:
         """Flags both launchers share (same names on purpose)."""
@@ -250,16 +263,16 @@ def table(work: Work, nproc: int, reps: int, results: dict[str, list[Run]], peak
     gpu = peak_total is not None
     medians = {name: {k: statistics.median(r.metrics(peak_total)[k] for r in runs)
                       for k in runs[0].metrics(peak_total)} for name, runs in results.items()}
-    header = ["framework", "useful tokens/s", f"vs {BASELINE}", "padding", "tokens/step", "s/step",
+    header = ["framework", "useful tokens/s", f"vs {reference(work)}", "padding", "tokens/step", "s/step",
               "peak mem GiB (max rank)",
               "first step s"] + (["MFU"] if gpu else [])
     lines = [f"### {work.size} ({MODEL_SHAPES[work.size].relative_to(REPO)}): {nproc} ranks x micro batch "
              f"{work.micro_batch_size} x accumulation {work.grad_accum} = global batch "
              f"{nproc * work.micro_batch_size * work.grad_accum}, seq_len {work.seq_len}, {work.precision}, "
              f"{work.steps} steps, median of {reps} rep(s); packing: {work.packed_micro_batch_size} packed "
-             f"row(s) per micro batch", "",
+             f"row(s) per micro batch" + (f"; LoRA on {','.join(LORA_TARGETS)}" if work.lora_r else ""), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [fmt_row(name, m, medians[BASELINE], gpu) for name, m in medians.items()]
+    lines += [fmt_row(name, m, medians[reference(work)], gpu) for name, m in medians.items()]
     return "\n".join(lines)
 
 
@@ -274,7 +287,7 @@ def bench_size(work: Work, reps: int, nproc: int, env: dict[str, str], tmp: Path
         return run_medgpt(work, modes[name], steps, run_dir, nproc, env, timeout)
 
     modes = medgpt_modes(work)
-    names = [*modes, BASELINE]
+    names = [*modes] if work.lora_r else [*modes, BASELINE]
     for name in names:  # untimed: JIT-compiled ops and the tokenized-data cache are warm for both
         run(name, 1, "warmup")
     results: dict[str, list[Run]] = {name: [] for name in names}
@@ -301,6 +314,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=SHARED / "pubmedqa" / "ori_pqal.json")
     p.add_argument("--ds_config", type=Path, default=REPO / "ds_configs" / "zero2.json")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
+    p.add_argument("--lora_r", type=int, default=0, help="> 0: medgpt with LoRA of this rank against full "
+                   "fine-tuning, instead of medgpt against the HF Trainer")
     p.add_argument("--write", action="store_true", help=f"append the results to {RESULTS.relative_to(REPO)}")
     args = p.parse_args(argv)
     args.sizes = args.sizes.split(",")
@@ -327,7 +342,7 @@ def resolved(args: argparse.Namespace, gpu: bool, nproc: int) -> str:
     return (f"--sizes {','.join(args.sizes)} --steps {','.join(map(str, args.steps))} "
             f"--reps {','.join(map(str, args.reps))} --micro_batch_size {args.micro_batch_size} "
             f"--grad_accum {args.grad_accum} --seq_len {args.seq_len} --device {'gpu' if gpu else 'cpu'} "
-            f"--nproc {nproc}")
+            f"--nproc {nproc}" + (f" --lora_r {args.lora_r}" if args.lora_r else ""))
 
 
 def main(argv: list[str]) -> None:
@@ -362,7 +377,8 @@ def main(argv: list[str]) -> None:
                         ds_config=args.ds_config.resolve(), cache_dir=cache_dir,
                         precision="bf16" if gpu else "fp32", seq_len=args.seq_len,
                         micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum, steps=steps,
-                        packed_micro_batch_size=max(1, round(args.micro_batch_size / per_pack)))
+                        packed_micro_batch_size=max(1, round(args.micro_batch_size / per_pack)),
+                        lora_r=args.lora_r)
             tables.append(bench_size(work, reps, nproc, env, Path(tmp), args.timeout, peak_total))
             print(tables[-1] + "\n", flush=True)
     minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60

@@ -9,9 +9,10 @@ import sys
 
 from medgpt.cli import parse_request, request_parser
 from medgpt.commands import PlanRequest
+from medgpt.config import ModelConfig
 from medgpt.console import quiet_libraries
 from medgpt.errors import CliParser, UserError, run_cli
-from medgpt.memory_plan import GiB, PlanRow, Workload, load_shape, loads_pretrained, plan, recommend
+from medgpt.memory_plan import GiB, PlanRow, Workload, load_shape, loads_pretrained, lora_params, plan, recommend
 
 
 def parser() -> CliParser:
@@ -40,12 +41,16 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--seq_len {request.seq_len} exceeds the model's {shape.n_positions} positions")
     work = Workload(request.micro_batch_size, request.seq_len, request.precision, request.attention,
                     request.dropout > 0, request.label_tokens)
-    rows = plan(shape, work, request.gpus, request.nodes, zero_init=loads_pretrained(request.model))
+    adapters = lora_params(shape, request.lora_r, ModelConfig(lora_targets=request.lora_targets).lora_modules)
+    rows = plan(shape, work, request.gpus, request.nodes, zero_init=loads_pretrained(request.model), adapters=adapters)
     gpu_budget = (request.gpu_mem - request.reserve) * GiB
     cpu_budget = None if request.cpu_mem is None else request.cpu_mem * GiB
 
     print(f"model {request.model}: {shape.num_params:,} parameters, {shape.n_layer} layers, "
           f"hidden {shape.n_embd}, {shape.n_head} heads; largest layer {shape.largest_layer_params:,}")
+    if adapters:
+        print(f"LoRA r {request.lora_r} on {request.lora_targets}: {adapters:,} trainable parameters "
+              f"({adapters / shape.num_params:.2%}); the model is frozen: no gradients or optimizer states for it")
     print(f"{request.nodes} node(s) x {request.gpus} GPU(s) of {request.gpu_mem:g} GiB "
           f"({request.reserve:g} reserved)"
           + ("" if cpu_budget is None else f", {request.cpu_mem:g} GiB host memory per node"))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medgpt.cli import Request, arg
-from medgpt.config import DEVICES, PRECISIONS
+from medgpt.config import DEVICES, LORA_TARGETS, PRECISIONS, ModelConfig, lora_problems
 from medgpt.errors import UserError
 from medgpt.memory_plan import ATTENTIONS
 from medgpt.outputs import check_new_output_dir, check_output_dir
@@ -111,11 +111,15 @@ class PlanRequest(Request):
                          "scores kept) or eager")
     dropout: float = arg(0.1, help="as medgpt's --dropout (> 0 keeps masks)")
     label_tokens: int = arg(2, help="labelled tokens per sample (2: the decision and EOS; ~60 with --long_answer)")
+    lora_r: int = arg(0, help="as medgpt's --lora_r: > 0 plans LoRA (frozen model, adapters trained); 0: full "
+                      "fine-tuning")
+    lora_targets: str = arg(",".join(LORA_TARGETS), help="as medgpt's --lora_targets")
 
     def problems(self) -> list[str]:
         problems = [f"--{name} must be >= 1 (got {getattr(self, name)})"
                     for name in ("gpus", "nodes", "micro_batch_size", "seq_len", "label_tokens")
                     if getattr(self, name) < 1]
+        problems += lora_problems(ModelConfig(lora_r=self.lora_r, lora_targets=self.lora_targets), {})
         if not 0 <= self.reserve < self.gpu_mem:
             problems.append(f"--reserve must be >= 0 and below --gpu_mem {self.gpu_mem} (got {self.reserve})")
         if self.cpu_mem is not None and self.cpu_mem <= 0:

@@ -26,6 +26,9 @@ SELECT_BEST = ("none", "macro_f1", "accuracy", "loss")  # loss: the dev answer-t
 # Where metrics and the config go (medgpt.tracking); each optional one is a package and an extra of that name.
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 OPTIONAL_TRACKERS = ("mlflow", "wandb")
+# GPT-2's Conv1D projections (module names peft matches by suffix): c_attn (q, k, v fused), c_proj
+# (attention output and MLP output), c_fc (MLP input).
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 
 
 @dataclass
@@ -37,6 +40,19 @@ class ModelConfig:
     # transformers' gradient checkpointing; launcher/plan.py says when it is needed.
     activation_checkpointing: bool = arg(False, help="recompute each block's activations in the backward "
                                          "pass: less memory, ~1/3 more compute")
+    lora_r: int = arg(0, help="LoRA rank: > 0 trains low-rank adapters on a frozen model (needs peft: "
+                      "pip install 'medgpt[lora]'); 0: full fine-tuning")
+    lora_alpha: float = arg(16.0, help="LoRA scale numerator: the adapters' update is scaled by lora_alpha / lora_r")
+    lora_dropout: float = arg(0.05, help="dropout on the adapters' input, in [0, 1)")
+    # All three by default: GPT-2 fuses q, k, v into c_attn, so the LoRA paper's q+v choice does not
+    # exist here, and adapting every projection (attention and MLP) is what comes closest to full
+    # fine-tuning (QLoRA, Dettmers et al. 2023, section 4) at < 1% of the parameters for r 8.
+    lora_targets: str = arg(",".join(LORA_TARGETS), help="comma-separated modules that get adapters: "
+                            "c_attn (q,k,v), c_proj (attention and MLP outputs), c_fc (MLP input)")
+
+    @property
+    def lora_modules(self) -> list[str]:
+        return [name.strip() for name in self.lora_targets.split(",") if name.strip()]
 
 
 @dataclass
@@ -174,6 +190,11 @@ class Config:
             problems.append(f"seq_len must be >= 32 (got {d.seq_len})")
         if bad("dropout", not 0 <= m.dropout < 1):
             problems.append(f"dropout must be in [0, 1) (got {m.dropout})")
+        problems += lora_problems(m, nonfinite)
+        # find_spec imports nothing: --help and bad flags stay fast.
+        if m.lora_r > 0 and importlib.util.find_spec("peft") is None:
+            problems.append(f"--lora_r {m.lora_r} needs peft, which is not installed: pip install 'medgpt[lora]' "
+                            "(or --lora_r 0 for full fine-tuning)")
         if bad("lr", o.lr <= 0):
             problems.append(f"lr must be > 0 (got {o.lr})")
         for name in ("warmup_steps", "grad_clip", "weight_decay"):
@@ -208,6 +229,24 @@ def report_to_problems(report_to: str) -> list[str]:
     return problems + [f"--report_to {name} needs the {name} package, which is not installed: "
                        f"pip install 'medgpt[{name}]'"
                        for name in names if name in OPTIONAL_TRACKERS and importlib.util.find_spec(name) is None]
+
+
+def lora_problems(m: ModelConfig, nonfinite: dict[str, float]) -> list[str]:
+    """The LoRA fields' problems (``nonfinite``: float fields already reported as not finite)."""
+    if m.lora_r < 0:
+        return [f"lora_r must be >= 0: the adapters' rank, 0 for full fine-tuning (got {m.lora_r})"]
+    if m.lora_r == 0:
+        return []
+    problems = []
+    unknown = [name for name in m.lora_modules if name not in LORA_TARGETS]
+    if unknown or not m.lora_modules:
+        problems.append(f"lora_targets '{m.lora_targets}' must name some of {', '.join(LORA_TARGETS)} "
+                        f"(comma-separated){'; unknown: ' + ', '.join(unknown) if unknown else ''}")
+    if "lora_alpha" not in nonfinite and m.lora_alpha <= 0:
+        problems.append(f"lora_alpha must be > 0 (got {m.lora_alpha})")
+    if "lora_dropout" not in nonfinite and not 0 <= m.lora_dropout < 1:
+        problems.append(f"lora_dropout must be in [0, 1) (got {m.lora_dropout})")
+    return problems
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}

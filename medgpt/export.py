@@ -4,6 +4,11 @@ The fp32 weights come from DeepSpeed's own consolidation (``zero_to_fp32``) for 
 for ZeRO-0 from the module state (fp32 runs) or the optimizer's fp32 master copy (bf16/fp16). The
 model is built on the meta device and the weights are assigned, not copied, so peak host memory
 stays about one fp32 copy.
+
+A LoRA run (medgpt/lora.py) exports the same plain GPT-2 folder, its adapters merged into the
+weights in fp32 (it loads in transformers without peft), plus the adapter alone in peft's format in
+``<export>/adapter/`` (a subfolder: an adapter_config.json at the top would make transformers, with
+peft installed, load the folder as an adapter).
 """
 from __future__ import annotations
 
@@ -17,8 +22,10 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
 from medgpt.checkpoint import ds_to_universal, read_finished, read_meta, resolve_checkpoint
+from medgpt.config import ModelConfig
 from medgpt.console import library_prints
 from medgpt.errors import UserError
+from medgpt.lora import ADAPTER_DIR
 from medgpt.model import TORCH_DTYPES
 from medgpt.model_card import CONFIG_KEY, export_facts, write_model_card
 from medgpt.outputs import check_new_output_dir
@@ -28,21 +35,49 @@ MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0's full module state
 TEST_METRICS = "test_metrics.json"  # a run's test scores in its output_dir (train.py, scoring.write_results)
 
 
-def fp32_state_dict(tag_dir: Path, config: GPT2Config) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a checkpoint, consolidated by DeepSpeed."""
+def training_module(config: GPT2Config, model_cfg: ModelConfig) -> torch.nn.Module:
+    """The module a run trained, on the meta device: GPT-2, or its peft model with adapters."""
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+        if not model_cfg.lora_r:
+            return model
+        from medgpt.lora import add_adapters  # imports peft, an optional extra
+
+        return add_adapters(model, model_cfg)
+
+
+def fp32_state_dict(tag_dir: Path, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a checkpoint of ``module`` (training_module), consolidated by DeepSpeed."""
     meta = read_meta(tag_dir)
     if meta.zero_stage > 0:
         # DeepSpeed's readers load with weights_only=False: every file is checked first (medgpt/safe_load.py).
         check_checkpoint_files(tag_dir)
         if meta.optimizer == "BF16_Optimizer":
-            return _universal_fp32(tag_dir)
-        with library_prints():
-            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            state = _universal_fp32(tag_dir)
+        else:
+            with library_prints():
+                state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        return _with_frozen(state, tag_dir, module)
     # ZeRO-0: DeepSpeed saved the full module state, with the optimizer's in the same file.
     states = load_weights(tag_dir / MODEL_STATES)
     if meta.config.train.precision == "fp32":
         return {k: v.float() for k, v in states["module"].items()}
-    return _zero0_fp32_masters(states["optimizer"], config)
+    masters = _zero0_fp32_masters(states["optimizer"], module)
+    # Frozen (LoRA base) parameters have no master: the module's copy is all there is.
+    return {**{k: v.float() for k, v in states["module"].items() if k not in masters}, **masters}
+
+
+def _with_frozen(state: dict[str, torch.Tensor], tag_dir: Path, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Add the frozen parameters DeepSpeed's consolidation leaves out. It reads them from the
+    checkpoint's frozen-parameter fragments, which DeepSpeed writes only where it partitions
+    gradients, ZeRO >= 2 (runtime/engine.py:5383); at ZeRO-1 (and through the universal format)
+    they are in the module state that ZeRO 0-2 write whole (in the precision trained with: the
+    copy the adapters were trained against)."""
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad} - state.keys()
+    if not frozen or not (tag_dir / MODEL_STATES).is_file():
+        return state
+    module_state = load_weights(tag_dir / MODEL_STATES)["module"]
+    return {**state, **{name: module_state[name].float() for name in frozen if name in module_state}}
 
 
 def _universal_fp32(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -56,14 +91,13 @@ def _universal_fp32(tag_dir: Path) -> dict[str, torch.Tensor]:
                 for p in (universal / "zero").iterdir() if (p / "fp32.pt").is_file()}
 
 
-def _zero0_fp32_masters(optimizer_state: dict[str, Any], config: GPT2Config) -> dict[str, torch.Tensor]:
+def _zero0_fp32_masters(optimizer_state: dict[str, Any], module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """bf16/fp16 at ZeRO-0: the module holds the 16-bit copy; the fp32 master weights are the
-    optimizer wrapper's, in the order of model.parameters() (one group: medgpt hands DeepSpeed
-    model.parameters()). FP16_UnfusedOptimizer keeps one tensor per parameter
+    optimizer wrapper's, in the order of the trainable parameters (one group: medgpt hands DeepSpeed
+    medgpt.lora.trainable_parameters). FP16_UnfusedOptimizer keeps one tensor per parameter
     (runtime/fp16/unfused_optimizer.py:355 'fp32_groups'), FP16_Optimizer one flat tensor per
     group (runtime/fp16/fused_optimizer.py:471 'fp32_groups_flat')."""
-    with torch.device("meta"):
-        shapes = [(name, p.shape) for name, p in GPT2LMHeadModel(config).named_parameters()]
+    shapes = [(name, p.shape) for name, p in module.named_parameters() if p.requires_grad]
     if "fp32_groups" in optimizer_state:
         masters = [t for group in optimizer_state["fp32_groups"] for t in group]
     else:
@@ -91,20 +125,23 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "
     output = Path(output)
     check_new_output_dir(output, "export folder")
     meta = read_meta(tag_dir)
-    config = GPT2Config.from_dict(meta.model_config)
+    config, model_cfg = GPT2Config.from_dict(meta.model_config), meta.config.model
     setattr(config, CONFIG_KEY, export_facts(meta))  # seq_len, prompt format, ... (medgpt/model_card.py)
-    state = fp32_state_dict(tag_dir, config)
     # The plain constructor, not from_config: inside a ZeRO-3 run (a live HfDeepSpeedConfig)
     # from_config would build under zero.Init, a collective that rank 0 alone would hang in.
-    with torch.device("meta"):
-        model = GPT2LMHeadModel(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    module = training_module(config, model_cfg)
+    missing, unexpected = module.load_state_dict(fp32_state_dict(tag_dir, module), strict=False, assign=True)
     # lm_head.weight is wte.weight (tied); DeepSpeed stores the shared tensor once.
-    if unexpected or set(missing) - {"lm_head.weight"}:
+    if unexpected or {name for name in missing if not name.endswith("lm_head.weight")}:
         raise UserError(f"checkpoint '{tag_dir}' does not match its model config "
                         f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
-    model.tie_weights()
-    model.to(TORCH_DTYPES[dtype]).eval()
+    if model_cfg.lora_r:  # the adapter alone (fp32), then merged into the weights in fp32
+        module.get_base_model().tie_weights()
+        module.save_pretrained(str(output / ADAPTER_DIR))
+        module = module.merge_and_unload()
+    else:
+        module.tie_weights()
+    model = module.to(TORCH_DTYPES[dtype]).eval()
     model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                                                pad_token_id=config.eos_token_id)
     model.save_pretrained(str(output), safe_serialization=True)

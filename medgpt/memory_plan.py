@@ -29,6 +29,13 @@ GPT2_SIZES = {
 }
 
 
+def lora_params(shape: ModelShape, r: int, targets: list[str]) -> int:
+    """Parameters of LoRA adapters of rank r (medgpt/lora.py) on the named Conv1D modules of every
+    block: A (in -> r) and B (r -> out), no bias, r x (in + out) each. peft matches "c_proj" by
+    name in the attention (h -> h) and the MLP (inner -> h) alike."""
+    h, f = shape.n_embd, shape.mlp_width
+    widths = {"c_attn": [(h, 3 * h)], "c_proj": [(h, h), (f, h)], "c_fc": [(h, f)]}
+    return shape.n_layer * r * sum(i + o for target in targets for i, o in widths[target])
 def load_shape(model: str) -> ModelShape:
     """A GPT-2 Hub name (offline: shapes above), a save_pretrained folder or a GPT2Config .json."""
     # Imported here: transformers pulls in torch (seconds), which launcher/plan.py --help does without.
@@ -97,8 +104,14 @@ class ModelStates:
 
 
 def model_states(strategy: Strategy, shape: ModelShape, precision: str, gpus_per_node: int, nodes: int,
-                 zero_init: bool) -> ModelStates:
+                 zero_init: bool, adapters: int = 0) -> ModelStates:
     """Model-state bytes per GPU, split as DeepSpeed's estimators count them.
+
+    ``adapters`` > 0 (LoRA, :func:`lora_params`): the model's own parameters are frozen and kept
+    as parameters only (p bytes each, sharded at ZeRO-3), and DeepSpeed gets only the adapters
+    (medgpt.lora.trainable_parameters): gradients and optimizer states below count those alone.
+    The CPU column stays DeepSpeed's full fine-tuning estimate (an upper bound: its estimators take
+    one parameter count).
 
     DeepSpeed's comment in estimate_zero2_model_states_mem_needs: mixed precision holds 2 bytes of
     16-bit params + 18 = 2 (16-bit grads) + 4 (fp32 grads) + 4 (fp32 params) + 8 (Adam moments).
@@ -123,22 +136,24 @@ def model_states(strategy: Strategy, shape: ModelShape, precision: str, gpus_per
     """
     p = PRECISION_BYTES[precision]
     n = gpus_per_node * nodes
-    total, largest = shape.num_params, shape.largest_layer_params
+    total, largest = shape.num_params + adapters, shape.largest_layer_params
+    trained = adapters or total
     if strategy.stage == 0:
         mixed = p < 4
-        params, grads, optimizer = p * total, (p + 4 * mixed) * total, (8 + 4 * mixed) * total
+        params, grads, optimizer = p * total, (p + 4 * mixed) * trained, (8 + 4 * mixed) * trained
     elif strategy.stage in (1, 2):
         on_gpu = not strategy.offload_optimizer
         keeps_16bit_grads = strategy.stage == 1 or on_gpu  # ZeRO-2 offload streams them out
         params = p * total
-        grads = int((p * total / (n if strategy.stage == 2 else 1)) * keeps_16bit_grads + on_gpu * 4 * total / n)
-        optimizer = int(on_gpu * 12 * total / n)
+        grads = int((p * trained / (n if strategy.stage == 2 else 1)) * keeps_16bit_grads + on_gpu * 4 * trained / n)
+        optimizer = int(on_gpu * 12 * trained / n)
     else:
         gathered = p * largest  # the largest layer's 16-bit params; as many bytes again for its grads
         on_gpu = not strategy.offload_optimizer
         params = gathered + int((not strategy.offload_param) * p * total / n)
-        grads = gathered + int(on_gpu * 4 * total / n)
-        optimizer = int(on_gpu * 12 * total / n)
+        # With LoRA the largest layer (the token embedding) is frozen: no gradient is gathered for it.
+        grads = gathered * (not adapters) + int(on_gpu * 4 * trained / n)
+        optimizer = int(on_gpu * 12 * trained / n)
     return ModelStates(params, grads, optimizer, cpu_bytes(strategy, shape, gpus_per_node, nodes, zero_init))
 
 
@@ -238,10 +253,11 @@ class PlanRow:
         return offload_level, self.checkpointing, self.strategy.stage
 
 
-def plan(shape: ModelShape, work: Workload, gpus_per_node: int, nodes: int, zero_init: bool) -> list[PlanRow]:
-    """Every ZeRO layout x activation checkpointing off/on."""
+def plan(shape: ModelShape, work: Workload, gpus_per_node: int, nodes: int, zero_init: bool,
+         adapters: int = 0) -> list[PlanRow]:
+    """Every ZeRO layout x activation checkpointing off/on (``adapters``: see model_states)."""
     return [PlanRow(strategy, checkpointing,
-                    model_states(strategy, shape, work.precision, gpus_per_node, nodes, zero_init),
+                    model_states(strategy, shape, work.precision, gpus_per_node, nodes, zero_init, adapters),
                     activation_bytes(shape, work, checkpointing))
             for strategy in STRATEGIES for checkpointing in (False, True)]
 

@@ -81,7 +81,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str, Any],
                 seed: int) -> tuple[PreTrainedModel, HfDeepSpeedConfig]:
-    """The model to train, identical on every rank and for every ZeRO stage, and the
+    """The model to train (GPT-2, or with ``--lora_r`` a peft model of it with adapters: medgpt/lora.py),
+    identical on every rank and for every ZeRO stage, and the
     HfDeepSpeedConfig that shares ds_config with transformers: keep it referenced as long as the
     model is used. transformers holds it by weak reference only (integrations/deepspeed.py:267-293)
     and asks it whether ZeRO-3 is on: ``from_pretrained`` then loads inside zero.Init
@@ -106,6 +107,10 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str,
         # transformers' default: non-reentrant torch checkpointing of every block, which works with
         # ZeRO-3's gathered parameters.
         model.activation_checkpointing_enable()
+    if cfg.lora_r:
+        from medgpt.lora import add_adapters  # imports peft, an optional extra
+
+        model = add_adapters(model, cfg)
     return model, hf_deepspeed_config
 
 

@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 from medgpt.checkpoint import CheckpointMeta, check_same_model, checkpoint_root, read_finished, read_meta, step_dir
 from medgpt.config import Config, DataConfig, TrainConfig
 from medgpt.errors import UserError, check_all
+from medgpt.lora import check_same_lora
 
 # What a run does after its last step, in order, and the files each part leaves in output_dir.
 END_PARTS = {"test": ("test_metrics.json", "test_predictions.json"), "export": ("export",)}
@@ -72,8 +73,9 @@ def plan_resume(cfg: Config, checkpoint: Path | None, model_config: PretrainedCo
     if checkpoint is None:
         return ResumePlan(None, None, cfg.train.grad_accum, reshard=False)
     meta = read_meta(checkpoint)
-    _, _, accum = check_all(lambda: check_same_model(meta, model_config, checkpoint),
-                            lambda: _check_same_packing(meta, cfg.data, checkpoint),
+    _, _, _, accum = check_all(lambda: check_same_model(meta, model_config, checkpoint),
+                               lambda: check_same_lora(meta, cfg.model, checkpoint),
+                               lambda: _check_same_packing(meta, cfg.data, checkpoint),
                             lambda: _accumulation_for(meta, cfg.train.micro_batch_size, world_size))
     if report and accum != cfg.train.grad_accum:
         print(f"medgpt: grad_accum {cfg.train.grad_accum} -> {accum} keeps the checkpoint's global batch "

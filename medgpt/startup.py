@@ -29,6 +29,7 @@ from medgpt.distributed import Dist, adopt_launcher_env
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from medgpt.errors import UserError, check_all
 from medgpt.launch_env import launch_rank
+from medgpt.lora import trainable_parameters
 from medgpt.lr_schedule import warmup_cosine
 from medgpt.model import build_model, check_model_shape, load_model_config, load_tokenizer
 from medgpt.model_shape import ModelShape
@@ -146,7 +147,7 @@ def build_engine(cfg: Config, inputs: Inputs, plan: ResumePlan, ds_config: dict[
     schedule = None if "scheduler" in ds_config else functools.partial(
         warmup_cosine, warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps, min_ratio=cfg.optim.min_lr_ratio)
     announce_builds(optimizer_builders(ds_config), show=dist.is_main)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable_parameters(model), config=ds_config,
                                            lr_scheduler=schedule)
     torch.manual_seed(t.seed + dist.rank)  # dropout masks differ across ranks, reproducibly
     state = TrainState()
