@@ -35,6 +35,7 @@ from medgpt.checkpoint import (
     save_checkpoint,
     universal_dir,
 )
+from medgpt.compilation import compile_engine
 from medgpt.config import Config, DataConfig
 from medgpt.data import ResumableDistributedSampler, eval_loader, to_device, train_loader, training_data
 from medgpt.distributed import Dist, adopt_launcher_env, exit_on_collective_timeout, init_distributed
@@ -304,6 +305,8 @@ def train(cfg: Config) -> None:
         min_ratio=cfg.optim.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                            lr_scheduler=schedule)
+    if t.compile:
+        compile_engine(engine)
     torch.manual_seed(t.seed + dist.rank)  # dropout masks differ across ranks, reproducibly
     state = TrainState()
     if resume_from:
