@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+# bench.py lies beside this script (bench/ is no package): found however this file is loaded.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import MODEL_SHAPES, REPO, RESULTS, SHARED, Run, Work, machine, per_size, run_env, run_medgpt
 
 MODES = {"eager": {"packing": "false"}, "--compile": {"packing": "false", "compile": "true"}}
@@ -52,7 +54,7 @@ def bench_size(work: Work, reps: int, nproc: int, env: dict[str, str], tmp: Path
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="tiny,gpt2-124m", help=f"comma-separated: {', '.join(MODEL_SHAPES)}")
     p.add_argument("--steps", default="20,4", help="optimizer steps per run (>= 3): one value, or one per size")
@@ -62,17 +64,24 @@ def main(argv: list[str]) -> None:
     p.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
     p.add_argument("--write", action="store_true", help=f"append the results to {RESULTS.relative_to(REPO)}")
     args = p.parse_args(argv)
-    sizes = args.sizes.split(",")
-    steps, reps = per_size(args.steps, len(sizes)), per_size(args.reps, len(sizes))
-    if any(s not in MODEL_SHAPES for s in sizes) or not steps or not reps or min(steps) < 3 or min(reps) < 1:
+    args.sizes = args.sizes.split(",")
+    args.steps, args.reps = (per_size(value, len(args.sizes)) for value in (args.steps, args.reps))
+    if (any(s not in MODEL_SHAPES for s in args.sizes) or not args.steps or not args.reps or min(args.steps) < 3
+            or min(args.reps) < 1):
         p.error(f"--sizes takes {', '.join(MODEL_SHAPES)}; --steps (>= 3) and --reps (>= 1): one whole number "
                 "or one per size")
+    return args
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
     if torch.cuda.is_available():
-        p.error("this benchmark measures the CPU (fp32, 2 ranks); on GPUs time --compile with bench/bench.py runs")
+        raise SystemExit("compile_bench: this benchmark measures the CPU (fp32, 2 ranks); on GPUs time "
+                         "--compile with runs of your own")
     nproc, started, load = 2, datetime.datetime.now(datetime.timezone.utc), os.getloadavg()
     tables = []
     with tempfile.TemporaryDirectory(prefix="medgpt-compile-bench-") as tmp:
-        for size, n, r in zip(sizes, steps, reps, strict=True):
+        for size, n, r in zip(args.sizes, args.steps, args.reps, strict=True):
             work = Work(size=size, tokenizer=SHARED / "gpt2-tokenizer", data=SHARED / "pubmedqa" / "ori_pqal.json",
                         ds_config=REPO / "ds_configs" / "zero2.json", cache_dir=Path(tmp) / "cache", precision="fp32",
                         seq_len=args.seq_len, micro_batch_size=args.micro_batch_size, grad_accum=1, steps=n,
