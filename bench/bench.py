@@ -345,10 +345,8 @@ def resolved(args: argparse.Namespace, gpu: bool, nproc: int) -> str:
             f"--nproc {nproc}" + (f" --lora_r {args.lora_r}" if args.lora_r else ""))
 
 
-def main(argv: list[str]) -> None:
-    args = parse_args(argv)
-    gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
-    nproc = args.nproc or (torch.cuda.device_count() if gpu else 2)
+def run_env(gpu: bool, nproc: int) -> dict[str, str]:
+    """The environment of every timed job."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            # The repo's own medgpt, whatever else is installed.
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -358,6 +356,14 @@ def main(argv: list[str]) -> None:
     # One JIT-compiled op folder for both sides (medgpt's default), so the warm-up warms both.
     if os.access(sys.prefix, os.W_OK):
         env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    return env
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
+    nproc = args.nproc or (torch.cuda.device_count() if gpu else 2)
+    env = run_env(gpu, nproc)
     peak_total = None
     if gpu:
         from medgpt.throughput import device_peak

@@ -23,6 +23,7 @@ from medgpt.checkpoint import (
     save_checkpoint,
     universal_dir,
 )
+from medgpt.compilation import compile_engine
 from medgpt.config import Config
 from medgpt.data import ResumableDistributedSampler, eval_loader, train_loader, training_data
 from medgpt.distributed import Dist, adopt_launcher_env
@@ -149,6 +150,8 @@ def build_engine(cfg: Config, inputs: Inputs, plan: ResumePlan, ds_config: dict[
     announce_builds(optimizer_builders(ds_config), show=dist.is_main)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable_parameters(model), config=ds_config,
                                            lr_scheduler=schedule)
+    if t.compile:
+        compile_engine(engine)
     torch.manual_seed(t.seed + dist.rank)  # dropout masks differ across ranks, reproducibly
     state = TrainState()
     if plan.checkpoint:
