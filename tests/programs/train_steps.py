@@ -39,7 +39,7 @@ cfg.optim.lr = 1e-3
 model_config = load_model_config(cfg.model)
 ds_config = resolve_ds_config(load_ds_config(args.ds_config), cfg, dist.world_size, total_steps=args.steps,
                               hidden_size=model_config.n_embd, on_gpu=False)
-model = build_model(cfg.model, model_config, ds_config, seed=0)
+model, hf_deepspeed_config = build_model(cfg.model, model_config, ds_config, seed=0)
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 if args.compile:
     compile_engine(engine)
