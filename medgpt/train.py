@@ -46,7 +46,7 @@ from medgpt.lr_schedule import warmup_cosine
 from medgpt.model import build_model, check_model_shape, load_model_config, load_tokenizer
 from medgpt.outputs import check_output_dir
 from medgpt.preemption import PREEMPTED_EXIT, StopRequest, watch_deepspeed_launcher
-from medgpt.pubmedqa import Record, load_records, official_split
+from medgpt.pubmedqa import Record, load_data
 from medgpt.safe_load import check_checkpoint_files
 from medgpt.scoring import evaluate_records, metric_scalars, write_results
 from medgpt.throughput import ThroughputWindow, console_summary, device_peak, peak_memory_bytes, step_flops, use_tf32
@@ -233,13 +233,12 @@ def train(cfg: Config) -> None:
     # (the data cache below is written first: the number of packed rows sets the step count).
     # Independent checks all run, and every problem is reported together; then those that need their results.
     adopt_launcher_env()
-    raw_ds_config, records, model_config, tokenizer, resume_from, _ = check_all(
-        lambda: load_ds_config(t.ds_config), lambda: load_records(cfg.data.data),
+    raw_ds_config, (records, split), model_config, tokenizer, resume_from, _ = check_all(
+        lambda: load_ds_config(t.ds_config), lambda: load_data(cfg.data),
         lambda: check_model_shape(load_model_config(cfg.model), cfg.data.seq_len), lambda: load_tokenizer(cfg.model),
         lambda: find_checkpoint(t.resume, t.output_dir, report=launch_rank() == 0),
         lambda: check_output_dir(t.output_dir, "output_dir"))
-    split, _ = check_all(lambda: official_split(records, cfg.data.fold),
-                         lambda: resume_from and check_checkpoint_files(resume_from, universal_dir(resume_from)))
+    check_all(lambda: resume_from and check_checkpoint_files(resume_from, universal_dir(resume_from)))
     # Only valid input joins the process group (which also leaves DeepSpeed's buffers in /dev/shm).
     dist = init_distributed(t.device, collective_timeout=t.collective_timeout)
     if resume_from is None and t.resume == "none" and checkpoint_root(t.output_dir).exists():
@@ -289,7 +288,7 @@ def train(cfg: Config) -> None:
 
     pad_id = tokenizer.eos_token_id  # GPT-2 has no pad token; padded positions are masked anyway
     # Without packing, batches are grouped by length (packed rows are all about seq_len long).
-    lengths = None if cfg.data.packing else [len(ids) for ids in data.train["input_ids"]]
+    lengths = None if cfg.data.packing else data.train["length"]
     sampler = ResumableDistributedSampler(data.train, dist, seed=t.seed, lengths=lengths, global_batch=global_batch)
     loader = train_loader(data.train, sampler, t.micro_batch_size, pad_id, packed=cfg.data.packing, device=dist.device)
     dev_loader = eval_loader(data.dev, dist, t.eval_batch_size, pad_id)
