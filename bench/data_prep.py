@@ -8,14 +8,15 @@ stage runs in a process of its own, so its peak RSS is its own: load (parquet/JS
 and split), tokenize (build the tokenized cache), cache (a later run: key the cache and
 memory-map it), group (the sampler's length-grouped order of one epoch) and pack (first-fit-
 decreasing into rows of seq_len, cached). Every stage but load loads the records first, as a run
-does; its seconds exclude that, its peak RSS includes it. Then launcher/prepare_data.py end to
-end (load, tokenize, pack) on an empty cache. --write appends the table to bench/RESULTS.md.
+does; its seconds exclude that, its peak RSS includes it. --write appends the table to
+bench/RESULTS.md, with the machine and its load average (other work on it slows every stage).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import resource
 import shlex
 import subprocess
@@ -77,30 +78,18 @@ def child(stage: str, data_flags: list[str], cache: Path) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def prepare_end_to_end(data_flags: list[str], cache: Path) -> dict[str, float]:
-    """launcher/prepare_data.py --packing on, on an empty cache: wall seconds and peak RSS."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "launcher" / "prepare_data.py"), *data_flags, "--packing", "on",
-                    "--tokenizer", str(TOKENIZER), "--cache_dir", str(cache)], check=True, capture_output=True)
-    return {"seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib(resource.RUSAGE_CHILDREN)}
-
-
 def measure(name: str, data_flags: list[str], work: Path) -> list[str]:
     """Table rows for one data set."""
     cache = work / f"cache-{name}"
     results = {stage: child(stage, data_flags, cache) for stage in STAGES}
     rows = [f"| {name} | {stage} | {r['seconds']:.2f} | {r['peak_rss_gib']:.2f} |" for stage, r in results.items()]
-    end_to_end = prepare_end_to_end(data_flags, work / f"cache-{name}-e2e")
-    rows.append(f"| {name} | prepare_data.py (load+tokenize+pack) | {end_to_end['seconds']:.2f} | "
-                f"{end_to_end['peak_rss_gib']:.2f} |")
     return rows
 
 
 def machine() -> str:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
-    import os
-    return f"{model}, {os.cpu_count()} cores visible"
+    return f"{model}, {os.cpu_count()} cores visible, load average {os.getloadavg()[0]:.1f} at the end"
 
 
 def main() -> None:
