@@ -17,7 +17,7 @@ from medgpt.errors import UserError
 from medgpt.model import load_tokenizer
 from medgpt.pubmedqa import DEV_PERCENT, Record, artificial_split, load_data, load_records
 
-ROWS = 10_000  # the test's size; bench/data_prep.py runs the full 211,269
+ROWS = 5_000  # the test's size; bench/data_prep.py runs the full 211,269
 SEQ_LEN = 384
 
 
