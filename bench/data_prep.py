@@ -45,7 +45,7 @@ def run_stage(stage: str, data_flags: list[str], cache: Path) -> dict[str, float
     import torch
 
     from medgpt.config import parse_config
-    from medgpt.data import ResumableDistributedSampler, packed_dataset, tokenized_dataset
+    from medgpt.data import ResumableDistributedSampler, packed_dataset, sample_lengths, tokenized_dataset
     from medgpt.distributed import Dist
     from medgpt.model import load_tokenizer
     from medgpt.pubmedqa import load_data
@@ -60,7 +60,7 @@ def run_stage(stage: str, data_flags: list[str], cache: Path) -> dict[str, float
         tokens = tokenized_dataset(records, tokenizer, cfg.data, alone)
         if stage == "group":
             start = time.perf_counter()
-            lengths = tokens.select(split.train)["length"]
+            lengths = sample_lengths(tokens.select(split.train))
             sampler = ResumableDistributedSampler(lengths, alone, seed=0, lengths=lengths, global_batch=GLOBAL_BATCH)
             sampler.set_epoch(0)
             assert sorted(sampler) == list(range(len(lengths)))

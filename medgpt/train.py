@@ -36,7 +36,14 @@ from medgpt.checkpoint import (
     universal_dir,
 )
 from medgpt.config import Config, DataConfig
-from medgpt.data import ResumableDistributedSampler, eval_loader, to_device, train_loader, training_data
+from medgpt.data import (
+    ResumableDistributedSampler,
+    eval_loader,
+    sample_lengths,
+    to_device,
+    train_loader,
+    training_data,
+)
 from medgpt.distributed import Dist, adopt_launcher_env, exit_on_collective_timeout, init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from medgpt.errors import TrainingDiverged, UserError, check_all, launch_rank
@@ -288,7 +295,7 @@ def train(cfg: Config) -> None:
 
     pad_id = tokenizer.eos_token_id  # GPT-2 has no pad token; padded positions are masked anyway
     # Without packing, batches are grouped by length (packed rows are all about seq_len long).
-    lengths = None if cfg.data.packing else data.train["length"]
+    lengths = None if cfg.data.packing else sample_lengths(data.train)
     sampler = ResumableDistributedSampler(data.train, dist, seed=t.seed, lengths=lengths, global_batch=global_batch)
     loader = train_loader(data.train, sampler, t.micro_batch_size, pad_id, packed=cfg.data.packing, device=dist.device)
     dev_loader = eval_loader(data.dev, dist, t.eval_batch_size, pad_id)

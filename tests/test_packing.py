@@ -17,6 +17,7 @@ from medgpt.data import (
     first_fit_decreasing,
     packed_dataset,
     padding_fraction,
+    sample_lengths,
     tokenized_dataset,
 )
 from medgpt.distributed import Dist
@@ -64,7 +65,7 @@ def scanning_first_fit_decreasing(lengths: list[int], capacity: int) -> list[lis
 
 def test_first_fit_decreasing_packs_as_the_scanning_reference(real_data):
     tokens, train_rows, packs = real_data
-    lengths = tokens.select(train_rows)["length"]
+    lengths = sample_lengths(tokens.select(train_rows))
     assert first_fit_decreasing(lengths, 1024) == scanning_first_fit_decreasing(lengths, 1024)
     assert packs["rows"] == [[train_rows[i] for i in b] for b in first_fit_decreasing(lengths, 1024)]
     rng = random.Random(0)
