@@ -18,7 +18,7 @@ import yaml
 from medgpt.cli import add_fields, arg, choice_problems, coerce, field_type, given_values, new_parser
 from medgpt.console import VERBOSE_HELP
 from medgpt.errors import CliParser, UserError
-from medgpt.pubmedqa import HUB_DATASET, NUM_FOLDS, fold_problem
+from medgpt.pubmedqa import HUB_DATASET, NUM_FOLDS, SUBSETS, fold_problem
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cuda", "cpu")
@@ -57,8 +57,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data: str = arg(HUB_DATASET, help="Hub dataset id (its pqa_labeled subset), a parquet file/folder in the "
-                    "Hub's layout, or the original ori_pqal.json")
+    data: str = arg(HUB_DATASET, help="Hub dataset id, a parquet file/folder in the Hub's layout (a snapshot "
+                    "folder holding <subset>/*.parquet too), or the original ori_pqal.json / ori_pqaa.json")
+    subset: str = arg("pqa_labeled", choices=SUBSETS, help="pqa_labeled: the official split (--fold); "
+                      "pqa_artificial: all questions train but a 1% dev slice by pubid hash, test = pqa_labeled's")
+    test_data: str = arg("", help="--subset pqa_artificial: where pqa_labeled's official test set is read; "
+                         "empty: the Hub id's pqa_labeled, or <data>/pqa_labeled of a snapshot folder")
     fold: int = arg(0, help=f"which of the {NUM_FOLDS} official cross-validation folds (0..{NUM_FOLDS - 1}) is dev")
     seq_len: int = arg(1024, help="longest tokenized sample; contexts are cut to fit")
     long_answer: bool = arg(False, help="train on 'yes. <long answer>' instead of the decision alone")
@@ -190,6 +194,12 @@ class Config:
             problems.append("set epochs or max_steps to more than 0")
         if problem := fold_problem(d.fold):
             problems.append(problem)
+        if d.subset == "pqa_labeled" and d.test_data:
+            problems.append("test_data applies to --subset pqa_artificial only; pqa_labeled's test set is part of "
+                            "--data")
+        if d.subset == "pqa_artificial" and d.fold:
+            problems.append(f"fold applies to --subset pqa_labeled only; pqa_artificial's dev slice is fixed by "
+                            f"pubid (got --fold {d.fold})")
         if d.seq_len < 32:
             problems.append(f"seq_len must be >= 32 (got {d.seq_len})")
         if bad("dropout", not 0 <= m.dropout < 1):

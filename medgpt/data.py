@@ -2,8 +2,8 @@
 samples into rows of seq_len tokens (cached too), shard with DistributedSampler, pad per batch."""
 from __future__ import annotations
 
-import dataclasses
 import functools
+import hashlib
 import math
 import os
 import shutil
@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+from datasets.arrow_writer import ArrowWriter
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
@@ -33,86 +37,172 @@ from medgpt.prompt import (
 )
 from medgpt.pubmedqa import Record, Split
 
+# Bump when the cache's layout changes (2: int32 tokens and a length column): it invalidates cached datasets.
+CACHE_VERSION = 2
 # Bump when the packing algorithm changes: it invalidates cached packs.
-PACKING_VERSION = 1
+PACKING_VERSION = 2
+# Token ids fit int32 (GPT-2: 50,257): half the cache of datasets' default int64.
+TOKENS = datasets.Sequence(datasets.Value("int32"))
+TOKENIZED = datasets.Features({"pubid": datasets.Value("string"), "input_ids": TOKENS, "labels": TOKENS,
+                               "length": datasets.Value("int32")})
+PACKED = datasets.Features({"rows": datasets.Sequence(datasets.Value("int64")), "input_ids": TOKENS,
+                            "labels": TOKENS, "sample_lengths": TOKENS})
+PACKS_PER_WRITE = 10_000  # packs assembled in memory at a time
 
 
 def _cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "medgpt"
 
 
+def records_digest(records: list[Record]) -> str:
+    """A digest of every field of every record, streamed: hashing the records as one Python
+    object (datasets' Hasher) takes ~40 s for pqa_artificial's 211k, this ~4 s."""
+    digest = hashlib.blake2b()
+    for r in records:  # control characters as separators: PubMedQA's texts hold none
+        digest.update("\x1e".join((r.pubid, r.question, "\x1f".join(r.contexts), r.long_answer, r.final_decision,
+                                   "")).encode())
+    return digest.hexdigest()
+
+
 def cache_key(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> str:
     """Everything the tokenized data depends on, and nothing else."""
     vocab = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else sorted(tokenizer.get_vocab().items())
-    return Hasher.hash([PROMPT_FORMAT_VERSION, [dataclasses.astuple(r) for r in records], vocab,
+    return Hasher.hash([PROMPT_FORMAT_VERSION, CACHE_VERSION, records_digest(records), vocab,
                         tokenizer.eos_token_id, cfg.seq_len, cfg.long_answer])
 
 
-def _tokenize(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> datasets.Dataset:
-    # Pieces are tokenized in batches (fast), then joined and truncated per record.
-    contexts = tokenizer([context_text(r.contexts) for r in records])["input_ids"]
-    questions = tokenizer([question_text(r.question) for r in records])["input_ids"]
-    answers = tokenizer([answer_text(r.final_decision, r.long_answer if cfg.long_answer else "")
-                         for r in records])["input_ids"]
-    rows: dict[str, list[Any]] = {"pubid": [], "input_ids": [], "labels": []}
-    for r, c, q, a in zip(records, contexts, questions, answers, strict=True):
-        enc = encode_pieces(c, q, a, tokenizer.eos_token_id, cfg.seq_len)
-        rows["pubid"].append(r.pubid)
-        rows["input_ids"].append(enc.input_ids)
-        rows["labels"].append(enc.labels)
-    return datasets.Dataset.from_dict(rows)
+def _encode_batch(batch: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> dict[str, list]:
+    """One datasets.map batch: the pieces tokenized in one call each (the fast tokenizer's batch
+    encode runs on every core), then joined and truncated per record."""
+    contexts, questions, answers = (tokenizer(batch[k])["input_ids"] for k in ("context", "question", "answer"))
+    out: dict[str, list] = {"pubid": batch["pubid"], "input_ids": [], "labels": [], "length": []}
+    for c, q, a in zip(contexts, questions, answers, strict=True):
+        enc = encode_pieces(c, q, a, tokenizer.eos_token_id, seq_len)
+        out["input_ids"].append(enc.input_ids)
+        out["labels"].append(enc.labels)
+        out["length"].append(len(enc.input_ids))
+    return out
+
+
+def _tokenize(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, key: str,
+              folder: Path) -> None:
+    """All records tokenized, in record order, written as arrow files into ``folder``."""
+    texts = datasets.Dataset.from_dict({
+        "pubid": [r.pubid for r in records], "context": [context_text(r.contexts) for r in records],
+        "question": [question_text(r.question) for r in records],
+        "answer": [answer_text(r.final_decision, r.long_answer if cfg.long_answer else "") for r in records]})
+    # One process: the fast tokenizer's batch encode already runs on every core, and num_proc would
+    # pickle the in-memory texts to each worker. new_fingerprint: the key says what the output
+    # depends on (datasets would hash the tokenizer).
+    texts.map(_encode_batch, fn_kwargs={"tokenizer": tokenizer, "seq_len": cfg.seq_len}, batched=True,
+              remove_columns=["context", "question", "answer"], features=TOKENIZED, new_fingerprint=key,
+              cache_file_name=str(folder / "data.arrow"), desc="tokenizing")
 
 
 def _tokenized_path(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> Path:
     return _cache_root(cfg) / f"pubmedqa-{cache_key(records, tokenizer, cfg)}"
 
 
-def _build_once(path: Path, build: Callable[[], datasets.Dataset], dist: Dist) -> datasets.Dataset:
-    """The dataset cached at ``path``, built first if missing: local rank 0 builds and publishes
-    it, the other ranks wait and memory-map it."""
+def _read(path: Path) -> datasets.Dataset:
+    """A cache folder's arrow file, memory-mapped."""
+    return datasets.Dataset.from_file(str(path / "data.arrow"))
+
+
+def _build_once(path: Path, build: Callable[[Path], None], dist: Dist) -> datasets.Dataset:
+    """The dataset cached at ``path``, built first if missing: local rank 0 builds it into a
+    staging folder and publishes it, the other ranks wait and memory-map it."""
     if dist.local_rank == 0 and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".building-"))
-        build().save_to_disk(str(staging))
+        build(staging)
         try:  # atomic publish: a reader never sees half a cache, a racing builder loses quietly
             os.rename(staging, path)
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
     dist.barrier()
-    return datasets.load_from_disk(str(path))
+    return _read(path)
 
 
 def tokenized_dataset(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
                       dist: Dist) -> datasets.Dataset:
-    """All records tokenized, in record order. Built once per machine, then reused by every later run."""
-    return _build_once(_tokenized_path(records, tokenizer, cfg), lambda: _tokenize(records, tokenizer, cfg), dist)
+    """All records tokenized, in record order (columns pubid, input_ids, labels, length). Built
+    once per machine, then reused by every later run."""
+    path = _tokenized_path(records, tokenizer, cfg)
+    return _build_once(path, lambda folder: _tokenize(records, tokenizer, cfg, path.name, folder), dist)
+
+
+class _Rooms:
+    """The free room of bins 0..n-1 in a max segment tree; bins not opened yet have all of it.
+    The first bin with room for k tokens is found by one walk down from the root, O(log n)."""
+
+    def __init__(self, bins: int, capacity: int) -> None:
+        self.leaves = 1 << max(bins - 1, 0).bit_length()
+        self.tree = [capacity] * (2 * self.leaves)  # node i's children: 2i and 2i+1; leaves from self.leaves
+
+    def first_fitting(self, need: int) -> int:
+        """The lowest-numbered bin with room >= need (the root's room is the largest)."""
+        node = 1
+        while node < self.leaves:
+            node = 2 * node if self.tree[2 * node] >= need else 2 * node + 1
+        return node - self.leaves
+
+    def take(self, bin_: int, tokens: int) -> None:
+        node = bin_ + self.leaves
+        self.tree[node] -= tokens
+        while node > 1:
+            node //= 2
+            room = max(self.tree[2 * node], self.tree[2 * node + 1])
+            if self.tree[node] == room:
+                break  # the maxima above are unchanged too
+            self.tree[node] = room
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Indices grouped into bins of at most ``capacity`` tokens: longest first, each into the
-    first bin with room. Deterministic (ties keep index order)."""
+    first bin with room. Deterministic (ties keep index order). O(n log n): the first bin with
+    room comes from a segment tree over the bins' free room, not a scan of every open bin (the
+    same bins as the scan: tests/test_packing.py compares them)."""
+    if any(n > capacity for n in lengths):
+        raise ValueError(f"a sample of {max(lengths)} tokens does not fit a bin of {capacity}")
+    rooms = _Rooms(len(lengths), capacity)
     bins: list[list[int]] = []
-    room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        b = next((b for b, free in enumerate(room) if free >= lengths[i]), len(bins))
+        b = rooms.first_fitting(lengths[i])  # an unopened bin has full room: b <= len(bins)
         if b == len(bins):
             bins.append([])
-            room.append(capacity)
         bins[b].append(i)
-        room[b] -= lengths[i]
+        rooms.take(b, lengths[i])
     return bins
 
 
-def _pack(tokens: datasets.Dataset, rows: list[int], seq_len: int) -> datasets.Dataset:
-    samples = tokens.select(rows)
-    ids, labels = samples["input_ids"], samples["labels"]
-    packs: dict[str, list[Any]] = {"rows": [], "input_ids": [], "labels": [], "sample_lengths": []}
-    for members in first_fit_decreasing([len(x) for x in ids], seq_len):
-        packs["rows"].append([rows[i] for i in members])
-        packs["input_ids"].append([t for i in members for t in ids[i]])
-        packs["labels"].append([t for i in members for t in labels[i]])
-        packs["sample_lengths"].append([len(ids[i]) for i in members])
-    return datasets.Dataset.from_dict(packs)
+def sample_lengths(samples: datasets.Dataset) -> list[int]:
+    """The token count of every sample, as a list: datasets >= 4 answers ``samples["length"]``
+    with a lazy Column whose every ``[i]`` is a query of its own (minutes for 211k lookups)."""
+    return samples.with_format("arrow")["length"].to_pylist()
+
+
+def _grouped(values: pa.Array, counts: np.ndarray) -> pa.ListArray:
+    """``values`` cut into consecutive lists of ``counts`` items each."""
+    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32()), values)
+
+
+def _pack(tokens: datasets.Dataset, rows: list[int], seq_len: int, folder: Path) -> None:
+    """Pack the samples ``rows`` of ``tokens``, written as one arrow file into ``folder``, a
+    slice of packs at a time: arrow concatenates the token columns, no Python list holds them."""
+    packs = first_fit_decreasing(sample_lengths(tokens.select(rows)), seq_len)
+    with ArrowWriter(path=str(folder / "data.arrow"), features=PACKED) as writer:
+        for start in range(0, len(packs), PACKS_PER_WRITE):
+            members = [rows[i] for pack in packs[start:start + PACKS_PER_WRITE] for i in pack]
+            counts = np.array([len(pack) for pack in packs[start:start + PACKS_PER_WRITE]])
+            samples = tokens.select(members).with_format("arrow")[:]
+            lengths = samples.column("length").combine_chunks()
+            pack_tokens = np.add.reduceat(lengths.to_numpy(), np.cumsum(counts) - counts)
+            writer.write_table(pa.table({
+                "rows": _grouped(pa.array(members, pa.int64()), counts),
+                **{name: _grouped(pc.list_flatten(samples.column(name)).combine_chunks(), pack_tokens)
+                   for name in ("input_ids", "labels")},
+                "sample_lengths": _grouped(lengths, counts)}))
+        writer.finalize()
 
 
 def _packs_path(tokens_path: Path, rows: list[int], seq_len: int) -> Path:
@@ -127,7 +217,7 @@ def packed_dataset(tokens: datasets.Dataset, rows: list[int], seq_len: int, dist
     ``seq_len`` tokens, built once and cached. Columns: ``rows`` (the samples' positions in
     ``tokens``), ``input_ids`` and ``labels`` (the samples' concatenated), ``sample_lengths``."""
     path = _packs_path(Path(tokens.cache_files[0]["filename"]).parent, rows, seq_len)
-    return _build_once(path, lambda: _pack(tokens, rows, seq_len), dist)
+    return _build_once(path, lambda folder: _pack(tokens, rows, seq_len, folder), dist)
 
 
 def padding_fraction(packs: datasets.Dataset, seq_len: int) -> float:

@@ -6,16 +6,16 @@ from medgpt.config import Config
 from medgpt.data import padding_fraction, training_data
 from medgpt.distributed import Dist
 from medgpt.model import load_tokenizer
-from medgpt.pubmedqa import load_records, official_split
+from medgpt.pubmedqa import load_data
 
 
 def prepare_data(cfg: Config) -> None:
-    records = load_records(cfg.data.data)
-    split = official_split(records, cfg.data.fold)
+    records, split = load_data(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     data = training_data(records, split, tokenizer, cfg.data, Dist.single())
     print(f"medgpt: {'reused' if data.reused else 'built'} training data cache {data.cache}")
-    print(f"medgpt: {len(records)} questions tokenized, {len(split.train)} for training (fold {cfg.data.fold}), "
-          f"seq_len {cfg.data.seq_len}")
+    dev = f"fold {cfg.data.fold}" if cfg.data.subset == "pqa_labeled" else "the rest: dev and pqa_labeled's test"
+    print(f"medgpt: {len(records)} {cfg.data.subset} questions tokenized, {len(split.train)} for training "
+          f"({dev}), seq_len {cfg.data.seq_len}")
     if cfg.data.packing:
         print(f"medgpt: {len(data.train)} packed rows, padding {padding_fraction(data.train, cfg.data.seq_len):.1%}")

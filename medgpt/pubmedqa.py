@@ -1,20 +1,27 @@
-"""PubMedQA pqa_labeled: load it from any of its three homes as one record type, and split it
-exactly as the official ``preprocess/split_dataset.py`` does."""
+"""PubMedQA: load pqa_labeled or pqa_artificial from any of their homes (the Hub, its parquet
+layout, the original JSON) as one record type, and split them: pqa_labeled exactly as the
+official ``preprocess/split_dataset.py`` does, pqa_artificial into train and a hashed dev slice."""
 from __future__ import annotations
 
 import json
 import math
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medgpt.errors import UserError
+from medgpt.errors import UserError, check_all
 
 if TYPE_CHECKING:
-    import datasets
+    import pyarrow as pa
+
+    from medgpt.config import DataConfig
 
 HUB_DATASET = "qiaojin/PubMedQA"
+# The Hub dataset's configurations medgpt trains on: 1,000 expert-labelled questions, or 211,269
+# machine-labelled ones (PubMedQA's first fine-tuning phase).
+SUBSETS = ("pqa_labeled", "pqa_artificial")
 DECISIONS = ("yes", "no", "maybe")
 NUM_FOLDS = 10  # the official cross-validation folds of the training half
 
@@ -67,48 +74,78 @@ def _from_original_json(path: Path) -> list[Record]:
     return records
 
 
-def _from_hf_rows(rows: datasets.Dataset, source: str) -> list[Record]:
-    """Rows in the Hub's pqa_labeled layout (pubid, question, context.contexts, ...)."""
+def _from_hf_table(table: pa.Table, source: str) -> list[Record]:
+    """Rows in the Hub's layout (pubid, question, context.contexts, ...), read column by column:
+    a row-by-row walk of 211k rows takes a minute, this takes seconds."""
     required = {"pubid", "question", "context", "final_decision"}
-    missing = required - set(rows.column_names)
+    missing = required - set(table.column_names)
     if missing:
         raise UserError(f"data source '{source}' has no column(s) {', '.join(sorted(missing))}; "
-                        "expected the Hub's pqa_labeled layout")
+                        "expected the Hub's PubMedQA layout")
+    import pyarrow.compute as pc
+
+    columns = {name: table.column(name).to_pylist() for name in ("pubid", "question", "final_decision")}
+    contexts = pc.struct_field(table.column("context"), "contexts").to_pylist()
+    long_answers = (table.column("long_answer").to_pylist() if "long_answer" in table.column_names
+                    else [None] * len(table))
     records = []
-    for row in rows:
-        if row["final_decision"] is None:
-            raise UserError(f"data source '{source}': record {row['pubid']} has no final_decision")
-        records.append(Record(str(row["pubid"]), row["question"], tuple(row["context"]["contexts"]),
-                              row.get("long_answer") or "", row["final_decision"]))
+    for pubid, question, context, long_answer, decision in zip(
+            columns["pubid"], columns["question"], contexts, long_answers, columns["final_decision"], strict=True):
+        if decision is None:
+            raise UserError(f"data source '{source}': record {pubid} has no final_decision")
+        records.append(Record(str(pubid), question, tuple(context), long_answer or "", decision))
     return records
 
 
-def load_records(source: str) -> list[Record]:
-    """Load pqa_labeled from the Hub id, a parquet file or folder, or ori_pqal.json."""
-    # Imported here: datasets takes over a second to import, which the launchers' --help (this
-    # module's DECISIONS and NUM_FOLDS) does without.
+def _parquet_files(path: Path, subset: str) -> list[Path]:
+    """A file, a folder of parquet files, or a snapshot of the Hub dataset (one folder per subset)."""
+    if path.is_file():
+        return [path]
+    if path.name in SUBSETS and path.name != subset:
+        raise UserError(f"data folder '{path}' holds {path.name}, not {subset}; pass --data "
+                        f"{path.parent / subset} or --subset {path.name}")
+    folder = path / subset if (path / subset).is_dir() else path
+    files = sorted(folder.rglob("*.parquet"))
+    if not files:
+        raise UserError(f"data folder '{path}' holds no .parquet file")
+    return files
+
+
+def _is_hub_id(source: str) -> bool:
+    """Anything that does not look like a local file or folder."""
+    path = Path(source)
+    return not (path.exists() or path.suffix in (".json", ".parquet") or source.startswith((".", "/", "~")))
+
+
+def _from_hub(source: str, subset: str) -> pa.Table:
     import datasets
+
+    try:
+        return datasets.load_dataset(source, subset, split="train").data.table
+    except (ConnectionError, OSError) as err:
+        raise UserError(
+            f"cannot download '{source}' (config {subset}) from the Hugging Face Hub ({err}). "
+            "Offline? Pass --data with a local copy: the original ori_pqal.json or the Hub's "
+            "parquet file/folder (e.g. ../shared/data/pubmedqa/ori_pqal.json)") from None
+
+
+def load_records(source: str, subset: str = "pqa_labeled") -> list[Record]:
+    """Load a subset from the Hub id, a parquet file or folder, or the original JSON
+    (ori_pqal.json, or ori_pqaa.json: the file holds one subset, whichever it is)."""
+    # Imported here: pyarrow and datasets take a second to import, which the launchers' --help
+    # (this module's DECISIONS and NUM_FOLDS) does without.
+    import pyarrow.parquet as pq
 
     path = Path(source)
     if path.is_dir() or (path.suffix == ".parquet" and path.is_file()):
-        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-        if not files:
-            raise UserError(f"data folder '{source}' holds no .parquet file")
-        rows = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
-        return _check(_from_hf_rows(rows, source), source)
+        files = _parquet_files(path, subset)
+        return _check(_from_hf_table(pq.read_table(files), source), source)
     if path.suffix == ".json" and path.is_file():
         return _check(_from_original_json(path), source)
-    if path.exists() or path.suffix in (".json", ".parquet") or source.startswith((".", "/", "~")):
+    if not _is_hub_id(source):
         raise UserError(f"data source '{source}' is not a readable ori_pqal.json, .parquet file or "
                         f"parquet folder; pass --data with one of those, or the Hub id {HUB_DATASET}")
-    try:  # anything else is a Hub dataset id
-        rows = datasets.load_dataset(source, "pqa_labeled", split="train")
-    except (ConnectionError, OSError) as err:
-        raise UserError(
-            f"cannot download '{source}' (config pqa_labeled) from the Hugging Face Hub ({err}). "
-            "Offline? Pass --data with a local copy: the original ori_pqal.json or the Hub's "
-            "parquet file/folder (e.g. ../shared/data/pubmedqa/ori_pqal.json)") from None
-    return _check(_from_hf_rows(rows, source), source)
+    return _check(_from_hf_table(_from_hub(source, subset), source), source)
 
 @dataclass(frozen=True)
 class Split:
@@ -162,3 +199,56 @@ def official_split(records: list[Record], fold: int) -> Split:
     cv = _stratified_split(train_dev, labels, NUM_FOLDS, rng)
     train = [i for k, chunk in enumerate(cv) if k != fold for i in chunk]
     return Split(train=train, dev=cv[fold], test=test)
+
+
+# pqa_artificial has no official split. Its dev slice: the questions whose pubid hashes into the
+# first DEV_PERCENT of 100 buckets. A hash of the pubid, not a seeded draw: the same questions are
+# held out by every run, seed and world size, and in any file order or a file with rows added.
+DEV_PERCENT = 1
+
+
+def in_artificial_dev(pubid: str) -> bool:
+    return zlib.crc32(pubid.encode()) % 100 < DEV_PERCENT
+
+
+def artificial_split(artificial: list[Record], test: list[Record]) -> tuple[list[Record], Split]:
+    """pqa_artificial followed by pqa_labeled's official test questions, and their split: the
+    hashed dev slice, all other questions train, test = the appended ones. A question whose pubid
+    is also a test question's trains nowhere (the published subsets share none; a file that
+    does would leak the test set into training)."""
+    test_pubids = {r.pubid for r in test}
+    train: list[int] = []
+    dev: list[int] = []
+    for i, r in enumerate(artificial):
+        if r.pubid not in test_pubids:
+            (dev if in_artificial_dev(r.pubid) else train).append(i)
+    if not train or not dev:
+        raise UserError(f"the pqa_artificial data holds {len(artificial)} questions, too few for its "
+                        f"{DEV_PERCENT}% dev slice and a training set; pass the full pqa_artificial")
+    records = artificial + test
+    return records, Split(train=train, dev=dev, test=list(range(len(artificial), len(records))))
+
+
+def labeled_test_source(cfg: DataConfig) -> str:
+    """Where pqa_labeled (for its official test set) comes from with --subset pqa_artificial."""
+    path = Path(cfg.data)
+    if cfg.test_data:
+        return cfg.test_data
+    if path.is_dir() and (path / "pqa_labeled").is_dir():
+        return str(path / "pqa_labeled")
+    if _is_hub_id(cfg.data):
+        return cfg.data  # a Hub id: its pqa_labeled configuration
+    raise UserError(f"--subset pqa_artificial is scored at the end on pqa_labeled's official test set, and "
+                    f"'{cfg.data}' holds no pqa_labeled; pass --test_data with it (ori_pqal.json, its parquet, "
+                    f"or the Hub id {HUB_DATASET})")
+
+
+def load_data(cfg: DataConfig) -> tuple[list[Record], Split]:
+    """The records of --subset and their split (positions into them): pqa_labeled's official
+    one (fold ``cfg.fold``), or for pqa_artificial its own train/dev plus pqa_labeled's test set."""
+    if cfg.subset == "pqa_labeled":
+        records = load_records(cfg.data, "pqa_labeled")
+        return records, official_split(records, cfg.fold)
+    labeled, artificial = check_all(lambda: load_records(labeled_test_source(cfg), "pqa_labeled"),
+                                    lambda: load_records(cfg.data, "pqa_artificial"))
+    return artificial_split(artificial, [labeled[i] for i in official_split(labeled, 0).test])

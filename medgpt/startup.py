@@ -25,7 +25,7 @@ from medgpt.checkpoint import (
 )
 from medgpt.compilation import compile_engine
 from medgpt.config import Config
-from medgpt.data import ResumableDistributedSampler, eval_loader, train_loader, training_data
+from medgpt.data import ResumableDistributedSampler, eval_loader, sample_lengths, train_loader, training_data
 from medgpt.distributed import Dist, adopt_launcher_env
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from medgpt.errors import UserError, check_all
@@ -36,7 +36,7 @@ from medgpt.model import build_model, check_model_shape, load_model_config, load
 from medgpt.model_shape import ModelShape
 from medgpt.op_builds import announce_builds, optimizer_builders
 from medgpt.outputs import check_output_dir
-from medgpt.pubmedqa import Record, Split, load_records, official_split
+from medgpt.pubmedqa import Record, Split, load_data
 from medgpt.resume import ResumePlan, check_fresh_start
 from medgpt.safe_load import check_checkpoint_files
 from medgpt.throughput import device_peak, use_tf32
@@ -60,13 +60,13 @@ def check_inputs(cfg: Config) -> Inputs:
     their results."""
     t = cfg.train
     adopt_launcher_env()
-    raw_ds_config, records, model_config, tokenizer, checkpoint, _, _ = check_all(
-        lambda: load_ds_config(t.ds_config), lambda: load_records(cfg.data.data),
+    raw_ds_config, (records, split), model_config, tokenizer, checkpoint, _, _ = check_all(
+        lambda: load_ds_config(t.ds_config), lambda: load_data(cfg.data),
         lambda: check_model_shape(load_model_config(cfg.model), cfg.data.seq_len), lambda: load_tokenizer(cfg.model),
         lambda: find_checkpoint(t.resume, t.output_dir, report=launch_rank() == 0),
         lambda: check_output_dir(t.output_dir, "output_dir"), lambda: check_fresh_start(t))
-    split, _ = check_all(lambda: official_split(records, cfg.data.fold),
-                         lambda: checkpoint and check_checkpoint_files(checkpoint, universal_dir(checkpoint)))
+    if checkpoint:  # needs find_checkpoint's answer
+        check_checkpoint_files(checkpoint, universal_dir(checkpoint))
     return Inputs(raw_ds_config, records, split, model_config, tokenizer, checkpoint)
 
 
@@ -97,7 +97,7 @@ def build_data(cfg: Config, inputs: Inputs, plan: ResumePlan, dist: Dist) -> Dat
                         f"than the {len(data.train)} training {rows}; lower micro_batch_size or grad_accum")
     pad_id = inputs.tokenizer.eos_token_id  # GPT-2 has no pad token; padded positions are masked anyway
     # Without packing, batches are grouped by length (packed rows are all about seq_len long).
-    lengths = None if cfg.data.packing else [len(ids) for ids in data.train["input_ids"]]
+    lengths = None if cfg.data.packing else sample_lengths(data.train)
     sampler = ResumableDistributedSampler(data.train, dist, seed=t.seed, lengths=lengths, global_batch=global_batch)
     records, split = inputs.records, inputs.split
     return Data(sampler=sampler,

@@ -2,6 +2,8 @@
 and the cache that prepare_data.py builds ahead of training."""
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -12,8 +14,10 @@ from medgpt.data import (
     ResumableDistributedSampler,
     collate,
     collate_packs,
+    first_fit_decreasing,
     packed_dataset,
     padding_fraction,
+    sample_lengths,
     tokenized_dataset,
 )
 from medgpt.distributed import Dist
@@ -42,6 +46,35 @@ def test_packs_hold_every_training_sample_once_with_little_padding(real_data):
         assert len(pack["input_ids"]) == len(pack["labels"]) == sum(pack["sample_lengths"]) <= 1024
         assert pack["input_ids"] == [t for r in pack["rows"] for t in tokens[r]["input_ids"]]
     assert padding_fraction(packs, 1024) < 0.05
+
+
+def scanning_first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """The textbook algorithm, O(samples x bins): longest first (ties in index order), each into
+    the first bin, scanned from the start, with room. The reference medgpt's segment tree must match."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        b = next((b for b, free in enumerate(room) if free >= lengths[i]), len(bins))
+        if b == len(bins):
+            bins.append([])
+            room.append(capacity)
+        bins[b].append(i)
+        room[b] -= lengths[i]
+    return bins
+
+
+def test_first_fit_decreasing_packs_as_the_scanning_reference(real_data):
+    tokens, train_rows, packs = real_data
+    lengths = sample_lengths(tokens.select(train_rows))
+    assert first_fit_decreasing(lengths, 1024) == scanning_first_fit_decreasing(lengths, 1024)
+    assert packs["rows"] == [[train_rows[i] for i in b] for b in first_fit_decreasing(lengths, 1024)]
+    rng = random.Random(0)
+    for _ in range(100):  # small and odd cases: 0-1 items, items of exactly the capacity, many ties
+        capacity = rng.randint(1, 60)
+        lengths = [rng.randint(1, capacity) for _ in range(rng.randint(0, 50))]
+        assert first_fit_decreasing(lengths, capacity) == scanning_first_fit_decreasing(lengths, capacity)
+    with pytest.raises(ValueError, match="does not fit"):
+        first_fit_decreasing([3, 9], 8)
 
 
 def test_no_position_predicts_across_a_sample_boundary(real_data):
