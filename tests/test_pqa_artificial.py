@@ -10,9 +10,10 @@ import zlib
 import pytest
 from safetensors.torch import load_file
 
-from conftest import GROUND_TRUTH, ORI_JSON, PARQUET_DIR, REPO, TINY_MODEL, TOKENIZER, check_ok, launch, solo
+from conftest import GROUND_TRUTH, ORI_JSON, PARQUET_DIR, REPO, TINY_MODEL, TOKENIZER, check_ok, launch
 from medgpt.config import DataConfig, parse_config
 from medgpt.data import tokenized_dataset, training_data
+from medgpt.distributed import Dist
 from medgpt.errors import UserError
 from medgpt.model import load_tokenizer
 from medgpt.pubmedqa import DEV_PERCENT, Record, artificial_split, load_data, load_records
@@ -98,7 +99,7 @@ def prepared(snapshot_dir, cache):
 def test_every_training_question_is_in_exactly_one_pack_within_seq_len(prepared, loaded):
     proc, cfg = prepared
     records, split = loaded
-    data = training_data(records, split, load_tokenizer(cfg.model), cfg.data, solo())
+    data = training_data(records, split, load_tokenizer(cfg.model), cfg.data, Dist.single())
     assert data.reused and str(data.cache) in proc.stdout  # what prepare_data.py built, read back
     packs = data.train.with_format("arrow")[:]
     members = [r for rows in packs.column("rows").to_pylist() for r in rows]
@@ -106,7 +107,7 @@ def test_every_training_question_is_in_exactly_one_pack_within_seq_len(prepared,
     lengths = packs.column("sample_lengths").to_pylist()
     assert all(sum(n) <= SEQ_LEN for n in lengths)
     assert [len(ids) for ids in packs.column("input_ids").to_pylist()] == [sum(n) for n in lengths]
-    tokens = tokenized_dataset(records, load_tokenizer(cfg.model), cfg.data, solo())  # the cache, reused
+    tokens = tokenized_dataset(records, load_tokenizer(cfg.model), cfg.data, Dist.single())  # the cache, reused
     for pack in data.train.select(range(0, len(data.train), max(1, len(data.train) // 50))):
         assert pack["input_ids"] == [t for r in pack["rows"] for t in tokens[r]["input_ids"]]
         assert pack["sample_lengths"] == [tokens[r]["length"] for r in pack["rows"]]
