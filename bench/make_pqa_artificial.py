@@ -14,6 +14,7 @@ the same --rows and --seed. Never write it into the repository.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,13 +54,17 @@ def write(out: Path, rows: int, seed: int = 0, labeled: Path = LABELED) -> Path:
     return path
 
 
-def main() -> None:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=ROWS, help=f"rows to write (default {ROWS:,}, as on the Hub)")
     parser.add_argument("--out", type=Path, required=True, help="folder to write into (outside the repository)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
     parser.add_argument("--labeled", type=Path, default=LABELED, help="pqa_labeled parquet folder to resample")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args(sys.argv[1:])
     print(write(args.out, args.rows, args.seed, args.labeled))
 
 

@@ -42,6 +42,7 @@ from medgpt.cli import Request, parse_request
 from medgpt.config import build_parser, parse_config
 from medgpt.distributed import free_port
 from medgpt.errors import UserError
+from medgpt.sweep_plan import plan_sweep
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 CI_MARK = "# CI runs this line"
@@ -165,7 +166,9 @@ def parse(snippet: Snippet, repo: Path) -> None:
         launcher = module(script)
         request = [v for v in vars(launcher).values() if isinstance(v, type) and issubclass(v, Request)
                    and v is not Request]
-        if request:
+        if hasattr(launcher, "parse"):  # launcher/sweep.py: its flags, then training flags after "--"
+            plan_sweep(*launcher.parse(args))
+        elif request:
             parse_request(request[0], launcher.parser(), args)
         else:
             parse_config(args, launcher.parser())
