@@ -192,23 +192,10 @@ class Config:
         problems += report_to_problems(t.report_to)
         if t.epochs == 0 and t.max_steps == 0:
             problems.append("set epochs or max_steps to more than 0")
-        if problem := fold_problem(d.fold):
-            problems.append(problem)
-        if d.subset == "pqa_labeled" and d.test_data:
-            problems.append("test_data applies to --subset pqa_artificial only; pqa_labeled's test set is part of "
-                            "--data")
-        if d.subset == "pqa_artificial" and d.fold:
-            problems.append(f"fold applies to --subset pqa_labeled only; pqa_artificial's dev slice is fixed by "
-                            f"pubid (got --fold {d.fold})")
-        if d.seq_len < 32:
-            problems.append(f"seq_len must be >= 32 (got {d.seq_len})")
+        problems += data_problems(d)
         if bad("dropout", not 0 <= m.dropout < 1):
             problems.append(f"dropout must be in [0, 1) (got {m.dropout})")
         problems += lora_problems(m, nonfinite)
-        # find_spec imports nothing: --help and bad flags stay fast.
-        if m.lora_r > 0 and importlib.util.find_spec("peft") is None:
-            problems.append(f"--lora_r {m.lora_r} needs peft, which is not installed: pip install 'medgpt[lora]' "
-                            "(or --lora_r 0 for full fine-tuning)")
         if bad("lr", o.lr <= 0):
             problems.append(f"lr must be > 0 (got {o.lr})")
         for name in ("warmup_steps", "grad_clip", "weight_decay"):
@@ -245,6 +232,19 @@ def report_to_problems(report_to: str) -> list[str]:
                        for name in names if name in OPTIONAL_TRACKERS and importlib.util.find_spec(name) is None]
 
 
+def data_problems(d: DataConfig) -> list[str]:
+    problems = [problem] if (problem := fold_problem(d.fold)) else []
+    if d.subset == "pqa_labeled" and d.test_data:
+        problems.append("test_data applies to --subset pqa_artificial only; pqa_labeled's test set is part of "
+                        "--data")
+    if d.subset == "pqa_artificial" and d.fold:
+        problems.append(f"fold applies to --subset pqa_labeled only; pqa_artificial's dev slice is fixed by "
+                        f"pubid (got --fold {d.fold})")
+    if d.seq_len < 32:
+        problems.append(f"seq_len must be >= 32 (got {d.seq_len})")
+    return problems
+
+
 def lora_problems(m: ModelConfig, nonfinite: dict[str, float]) -> list[str]:
     """The LoRA fields' problems (``nonfinite``: float fields already reported as not finite)."""
     if m.lora_r < 0:
@@ -252,6 +252,10 @@ def lora_problems(m: ModelConfig, nonfinite: dict[str, float]) -> list[str]:
     if m.lora_r == 0:
         return []
     problems = []
+    # find_spec imports nothing: --help and bad flags stay fast.
+    if importlib.util.find_spec("peft") is None:
+        problems.append(f"--lora_r {m.lora_r} needs peft, which is not installed: pip install 'medgpt[lora]' "
+                        "(or --lora_r 0 for full fine-tuning)")
     unknown = [name for name in m.lora_modules if name not in LORA_TARGETS]
     if unknown or not m.lora_modules:
         problems.append(f"lora_targets '{m.lora_targets}' must name some of {', '.join(LORA_TARGETS)} "
