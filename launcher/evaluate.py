@@ -1,7 +1,7 @@
 """Evaluate a saved model on PubMedQA: predictions.json (official format) and metrics.json.
 
-    python launcher/evaluate.py --model runs/gpt2/model --split test
-    torchrun --nproc_per_node 2 launcher/evaluate.py --model runs/gpt2/model --split dev --fold 3
+    python launcher/evaluate.py --model runs/gpt2/export --split test
+    torchrun --nproc_per_node 2 launcher/evaluate.py --model runs/gpt2/export --split dev --fold 3
     python launcher/evaluate.py --predictions runs/eval-test/predictions.json
 """
 import sys

@@ -1,6 +1,6 @@
 """Answer a question with a saved model, through the training prompt.
 
-    python launcher/generate.py --model runs/gpt2/model "Does aspirin prevent stroke?" --context "..."
+    python launcher/generate.py --model runs/gpt2/export "Does aspirin prevent stroke?" --context "..."
 """
 import sys
 
