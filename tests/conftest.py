@@ -29,13 +29,22 @@ EVALUATE_PY = str(REPO / "launcher" / "evaluate.py")
 PROGRAMS = REPO / "tests" / "programs"  # helper programs the tests run in processes of their own
 
 
+# pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml) runs one group at a time on a worker: a
+# file's tests share its module fixtures, so a file is a group; files that share session runs
+# join one group, and every test that needs root joins one, so one SLURM cluster runs at a time.
+SHARED_GROUPS = {"test_checkpoint.py": "checkpoint-runs", "test_checkpoint_integrity.py": "checkpoint-runs"}
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection (_pytest/mark/__init__.py)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A SLURM or network-namespace test starts real jobs: it is an e2e test too, so that
-    `-m "not e2e"` leaves it out."""
+    `-m "not e2e"` leaves it out. Each test gets its xdist group."""
     for item in items:
-        if item.get_closest_marker("slurm") or item.get_closest_marker("netns"):
+        root = item.get_closest_marker("slurm") or item.get_closest_marker("netns")
+        if root:
             item.add_marker(pytest.mark.e2e)
+        group = "needs-root" if root else SHARED_GROUPS.get(item.path.name, item.path.name)
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
