@@ -237,4 +237,4 @@ def test_sweep_as_a_slurm_job_array(slurm_env, data_cache, tmp_path):  # noqa: F
     assert all(log.count("(restart 0)") == 1 and "(restart 1)" not in log for log in logs[1:])
     # launcher/report.py comes from the report branch: this holds once it is merged.
     assert (done["JobState"], done["ExitCode"]) == ("COMPLETED", "0:0"), report_log.read_text()[-3000:]
-    assert (out / "report.md").is_file()
+    assert (out / "report" / "report.md").is_file()  # launcher/report.py writes into <sweep>/report/
