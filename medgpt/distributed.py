@@ -1,6 +1,8 @@
 """Who am I in the job: one small object passed to everything that needs rank or device."""
 from __future__ import annotations
 
+import atexit
+import contextlib
 import glob
 import os
 import re
@@ -133,6 +135,21 @@ def adopt_launcher_env() -> None:
         os.environ.update({**rank_env(), **rendezvous})
 
 
+def _shm_buffer(rank: int) -> str:
+    """The shared-memory file of this rank that DeepSpeed's CPU allreduce creates at init,
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>
+    (ops/csrc/cpu/comm/shm.cpp:348-368), and never unlinks (its shared_close is never called):
+    about 64 MiB of RAM per rank per run, left behind until reboot."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+            f"{os.environ['MASTER_PORT']}_{rank}")
+
+
+def _remove_shm_buffer(path: str) -> None:
+    """At exit: every other rank mapped this file at init, so removing its name is safe."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def init_distributed(device: str = "auto", deepspeed_comm: bool = True,
                      collective_timeout: float | None = None) -> Dist:
     """Join the process group set up by torchrun / the deepspeed launcher / srun (or run alone).
@@ -169,6 +186,8 @@ def init_distributed(device: str = "auto", deepspeed_comm: bool = True,
         announce_builds(["ShareMemCommBuilder"], show=rank == 0)
         with library_prints():
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
+        if chosen.type == "cpu":
+            atexit.register(_remove_shm_buffer, _shm_buffer(rank))
     else:
         torch_dist.init_process_group(backend=backend, **kwargs)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)

@@ -84,10 +84,11 @@ def launch_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def launch(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = 600,
-           env: dict[str, str] | None = None, script: str = TRAIN_PY) -> subprocess.CompletedProcess:
+           env: dict[str, str] | None = None, script: str = TRAIN_PY,
+           master_port: int | None = None) -> subprocess.CompletedProcess:
     """Run a launcher script to the end (see launch_command)."""
-    return subprocess.run(launch_command(launcher, nproc, script) + args, cwd=REPO, env=launch_env(env),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(launch_command(launcher, nproc, script, master_port) + args, cwd=REPO,
+                          env=launch_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import yaml
 
 from conftest import PROGRAMS, REPO, TINY_MODEL, check_ok, launch, read_scalars, tiny_args
 from medgpt.config import ModelConfig
+from medgpt.distributed import free_port
 from medgpt.model import build_model, load_model_config
 
 STEPS = 10
@@ -31,10 +33,13 @@ def losses(scalars, tag="train/loss"):
 def test_two_ranks_match_one_process(reference, tmp_path, data_cache, stage, launcher):
     """2 ranks x accumulation 2 see the same global batches as 1 rank x accumulation 4, and the
     loss is normalised over the global batch, so every step's loss agrees."""
-    out = tmp_path / "run"
+    out, port = tmp_path / "run", free_port()
     proc = launch(tiny_args(out, data_cache, grad_accum=2, max_steps=STEPS,
-                            ds_config=REPO / "ds_configs" / f"zero{stage}.json"), launcher=launcher, nproc=2)
+                            ds_config=REPO / "ds_configs" / f"zero{stage}.json"), launcher=launcher, nproc=2,
+                  master_port=port)
     check_ok(proc)
+    # DeepSpeed's CPU allreduce leaves a shared-memory file per rank; medgpt removes them at exit.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     ref, got = read_scalars(reference), read_scalars(out)
     assert sorted(losses(got)) == list(range(1, STEPS + 1))
     for step, value in losses(ref).items():
