@@ -138,7 +138,8 @@ def adopt_launcher_env() -> None:
 def _shm_buffer(rank: int) -> str:
     """The shared-memory file of this rank that DeepSpeed's CPU allreduce creates at init,
     /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>
-    (ops/csrc/cpu/comm/shm.cpp:348-368), and never unlinks (its shared_close is never called):
+    (comm/torch.py:220 passes the global rank; ops/csrc/cpu/comm/shm.cpp:348-368), and never unlinks
+    (its shared_close is never called):
     about 64 MiB of RAM per rank per run, left behind until reboot."""
     return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
             f"{os.environ['MASTER_PORT']}_{rank}")

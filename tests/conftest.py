@@ -115,7 +115,7 @@ def remove_shm_buffers(port: int) -> None:
     """The DeepSpeed shared-memory buffers that killed ranks leave behind, named
     ..._<uid>_<addr>_<port>_<rank> (deepspeed/ops/csrc/cpu/comm/shm.cpp:348-366): those of one job."""
     for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        leftover.unlink()
+        leftover.unlink(missing_ok=True)  # a rank that exited normally removed its own (medgpt.distributed)
 
 
 def wait_for_first_step(proc: subprocess.Popen, output_dir: Path, timeout: float = 600) -> None:
