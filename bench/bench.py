@@ -297,14 +297,21 @@ def bench_size(work: Work, reps: int, nproc: int, env: dict[str, str], tmp: Path
     return table(work, nproc, reps, results, peak_total)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def work_parser(doc: str, steps: str, min_steps: int, reps: str, micro_batch_size: int) -> argparse.ArgumentParser:
+    """The flags every benchmark of this folder shares: which shapes, how many steps and repetitions."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--sizes", default="tiny,gpt2-124m", help=f"comma-separated: {', '.join(MODEL_SHAPES)}")
+    p.add_argument("--steps", default=steps, help=f"optimizer steps per run (>= {min_steps}): one value, or one "
+                   "per size")
+    p.add_argument("--reps", default=reps, help="timed repetitions (>= 1): one value, or one per size")
+    p.add_argument("--micro_batch_size", type=int, default=micro_batch_size)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
     # tiny: one epoch of unpacked global batches of 8 (length-grouped order puts its longest
     # samples first: a part of an epoch would favour it). 124M on CPU: 15-30 s a step.
-    p.add_argument("--steps", default="56,3", help="optimizer steps per run (>= 2): one value, or one per size")
-    p.add_argument("--reps", default="2", help="timed repetitions (>= 1): one value, or one per size")
-    p.add_argument("--micro_batch_size", type=int, default=4)
+    p = work_parser(__doc__, steps="56,3", min_steps=2, reps="2", micro_batch_size=4)
     p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--seq_len", type=int, default=1024)  # medgpt's default, GPT-2's context
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",

@@ -23,7 +23,7 @@ import torch
 
 # bench.py lies beside this script (bench/ is no package): found however this file is loaded.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import MODEL_SHAPES, REPO, RESULTS, SHARED, Run, Work, machine, per_size, run_env, run_medgpt
+from bench import MODEL_SHAPES, REPO, RESULTS, SHARED, Run, Work, machine, per_size, run_env, run_medgpt, work_parser
 
 MODES = {"eager": {"packing": "false"}, "--compile": {"packing": "false", "compile": "true"}}
 
@@ -55,11 +55,7 @@ def bench_size(work: Work, reps: int, nproc: int, env: dict[str, str], tmp: Path
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="tiny,gpt2-124m", help=f"comma-separated: {', '.join(MODEL_SHAPES)}")
-    p.add_argument("--steps", default="20,4", help="optimizer steps per run (>= 3): one value, or one per size")
-    p.add_argument("--reps", default="1", help="timed repetitions: one value, or one per size")
-    p.add_argument("--micro_batch_size", type=int, default=2)
+    p = work_parser(__doc__, steps="20,4", min_steps=3, reps="1", micro_batch_size=2)
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
     p.add_argument("--write", action="store_true", help=f"append the results to {RESULTS.relative_to(REPO)}")

@@ -12,7 +12,15 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
-from medgpt.checkpoint import CheckpointMeta, check_same_model, checkpoint_root, read_finished, read_meta, step_dir
+from medgpt.checkpoint import (
+    CheckpointMeta,
+    TrainState,
+    check_same_model,
+    checkpoint_root,
+    read_finished,
+    read_meta,
+    step_dir,
+)
 from medgpt.config import Config, DataConfig, TrainConfig
 from medgpt.errors import UserError, check_all
 from medgpt.lora import check_same_lora
@@ -34,13 +42,9 @@ class ResumePlan:
     def step(self) -> int:
         return self.meta.train_state.step if self.meta else 0
 
-    @property
-    def final_checkpoint(self) -> Path | None:
+    def final_checkpoint(self, t: TrainConfig) -> Path | None:
         """The checkpoint a finished run scored and exported: --select_best's, else the last."""
-        state = self.meta.train_state if self.meta else None
-        if state and state.best_step and self.meta.config.train.select_best != "none":
-            return step_dir(self.meta.config.train.output_dir, state.best_step)
-        return self.checkpoint
+        return (self.meta and best_checkpoint(self.meta.train_state, t)) or self.checkpoint
 
     def end_parts(self, t: TrainConfig, total_steps: int, report: bool) -> list[str]:
         """The end-of-run parts still to do: all of them, unless the checkpoint's run had finished
@@ -48,7 +52,7 @@ class ResumePlan:
         gone. ``report``: say so (rank 0)."""
         if self.checkpoint is None or not self.meta.train_state.finished(total_steps, t.early_stop):
             return list(END_PARTS)
-        done = read_finished(self.final_checkpoint)
+        done = read_finished(self.final_checkpoint(t))
         parts = [part for part, files in END_PARTS.items()
                  if part not in done or not all(Path(t.output_dir, f).exists() for f in files)]
         if report:
@@ -57,6 +61,15 @@ class ResumePlan:
             print(f"medgpt: {self.checkpoint} already {why}; "
                   + (f"completing its {' and '.join(parts)}" if parts else "nothing to do"), flush=True)
         return parts
+
+
+def best_checkpoint(state: TrainState, t: TrainConfig) -> Path | None:
+    """The --select_best checkpoint of a run at ``state``, in this run's output_dir (None: no
+    selection, or no evaluation yet). The current output_dir, not the recorded one: a run folder
+    may have been moved or copied since."""
+    if t.select_best == "none" or not state.best_step:
+        return None
+    return step_dir(t.output_dir, state.best_step)
 
 
 def check_fresh_start(t: TrainConfig) -> None:

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from medgpt.checkpoint import TrainState, convert_to_universal, load_checkpoint, mark_finished, step_dir
+from medgpt.checkpoint import TrainState, convert_to_universal, load_checkpoint, mark_finished
 from medgpt.config import Config, TrainConfig
 from medgpt.data import to_device
 from medgpt.distributed import Dist, exit_on_collective_timeout, init_distributed
@@ -30,7 +30,7 @@ from medgpt.loss import count_label_tokens, label_loss_sum
 from medgpt.metrics import score_line
 from medgpt.preemption import PREEMPTED_EXIT, StopRequest, watch_deepspeed_launcher
 from medgpt.pubmedqa import Record
-from medgpt.resume import ResumePlan, plan_resume
+from medgpt.resume import ResumePlan, best_checkpoint, plan_resume
 from medgpt.scoring import evaluate_records, metric_scalars, write_results
 from medgpt.startup import (
     Data,
@@ -245,10 +245,9 @@ def _final_checkpoint(run: Engine, plan: ResumePlan, t: TrainConfig, dist: Dist)
     step's, or --select_best's."""
     # A finished run completing its test scoring resumed at its last step: its checkpoint is the last one.
     last = run.save() if run.state.step > plan.step else plan.checkpoint
-    state = run.state
-    if t.select_best == "none" or state.best_step == 0:
+    state, best = run.state, best_checkpoint(run.state, t)
+    if best is None:
         return last
-    best = step_dir(t.output_dir, state.best_step)
     if state.best_step != state.step:
         load_checkpoint(run.engine, convert_to_universal(best, dist) if plan.reshard else best, dist)
     if dist.is_main:
@@ -282,7 +281,7 @@ def train(cfg: Config) -> None:
     end_parts = plan.end_parts(t, data.total_steps, report=dist.is_main)
     if "test" not in end_parts:  # a finished run: its export needs only the checkpoint's files, not an engine
         if end_parts:
-            _export_final(plan.final_checkpoint, output_dir, dist)
+            _export_final(plan.final_checkpoint(t), output_dir, dist)
         return
     run = build_engine(cfg, inputs, plan, ds_config, data.total_steps, dist)
     engine, state = run.engine, run.state
