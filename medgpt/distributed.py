@@ -21,7 +21,7 @@ import torch.distributed as torch_dist
 from medgpt.config import DEVICES
 from medgpt.console import library_prints
 from medgpt.errors import STALLED_EXIT, UserError
-from medgpt.launch_env import in_srun_step, rank_env
+from medgpt.launch_env import in_srun_step, rank_env, slurm_master_port
 from medgpt.op_builds import announce_builds
 
 
@@ -78,12 +78,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def slurm_master_port(job_id: int) -> int:
-    """The rendezvous port of a SLURM job: derived from the job id, so every node computes the same
-    one without talking to the others (slurm/*.sbatch use the same formula)."""
-    return 15000 + job_id % 20000
 
 
 def first_slurm_host(nodelist: str) -> str:

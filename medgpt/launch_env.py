@@ -4,6 +4,8 @@ by a ``--help``-light launcher (medgpt.errors.run_cli). medgpt.distributed adds 
 from __future__ import annotations
 
 import os
+import socket
+import sys
 
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -29,3 +31,29 @@ def rank_env() -> dict[str, str]:
 def launch_rank() -> int:
     """This process's rank as its launcher set it."""
     return int(rank_env()["RANK"])
+
+
+def slurm_master_port(job_id: int) -> int:
+    """The rendezvous port of a SLURM job: derived from the job id, so every node computes the same
+    one without talking to the others (an srun step's tasks, medgpt.distributed)."""
+    return 15000 + job_id % 20000
+
+
+def free_port_from(first: int, tries: int = 100) -> int:
+    """The first port from ``first`` up that nothing on this host listens on now. slurm/common.sh
+    runs on the job's first host and asks for its rendezvous port here: torchrun, finding the port
+    taken, becomes a *client* of whatever holds it and fails with "Failed to recv, got 0 bytes"
+    (torch/distributed/elastic/rendezvous/c10d_rendezvous_backend.py:154-182, _create_tcp_store
+    retries with is_server=False), and that is how a job collided with another one on a shared node."""
+    for port in range(first, first + tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("", port))  # all addresses, as the c10d store binds
+            except OSError:
+                continue
+            return port
+    raise OSError(f"ports {first}-{first + tries - 1} are all in use on this host; set MEDGPT_MASTER_PORT")
+
+
+if __name__ == "__main__":  # slurm/common.sh: the rendezvous port of job <SLURM_JOB_ID>, on its first host
+    print(free_port_from(slurm_master_port(int(sys.argv[1]))))

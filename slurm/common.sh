@@ -24,9 +24,12 @@ head_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n1
 if [[ -z $head_host ]] || ! getent hosts "$head_host" >/dev/null; then
     die "cannot resolve the first host of SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST' (got '${head_host}')"
 fi
-# The same on every node without any exchange, unique enough that two jobs on one node do not
-# collide; medgpt's srun-direct mode derives it the same way (medgpt/distributed.py).
-master_port=${MEDGPT_MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}
+# Derived from the job id (as medgpt's srun-direct mode does, without any exchange), then the first
+# port from there that is free on this host, the head host, where the rendezvous store will listen: a
+# port held by another job would make torchrun a client of that job (medgpt/launch_env.py). The
+# other nodes receive it on their command line.
+master_port=${MEDGPT_MASTER_PORT:-$("$python" -m medgpt.launch_env "$SLURM_JOB_ID")} \
+    || die "no free rendezvous port on $(hostname -s) (the line above says why)"
 nproc_per_node=${MEDGPT_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 
 # --- Process settings, inherited by every rank.

@@ -3,6 +3,8 @@ module): 2 CPU ranks per job, losses compared with the same run under plain torc
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PROGRAMS, REPO, TRAIN_PY, free_port, losses
+from medgpt.launch_env import slurm_master_port
 
 CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
 PRINT_RANK_PY = PROGRAMS / "print_rank.py"
@@ -78,12 +81,19 @@ def log_of(log_dir: Path) -> str:
 
 @pytest.mark.slurm
 def test_sbatch_torchrun_completes(slurm_env, reference_args, two_rank_reference, tmp_path):
+    """Also while another process listens on the port derived from the job id (as another job on a
+    shared node may): the rendezvous takes the next free one."""
     out = tmp_path / "run"
     env = {**slurm_env, "MEDGPT_CONFIG": "configs/smoke.yaml"}  # then the test's flags, which win
-    job = submit(env, tmp_path, "slurm/train.sbatch", *reference_args(out))
-    info = finished(slurm_env, job)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log_of(tmp_path)[-5000:]
-    assert "1 node(s) x 2 rank(s)" in log_of(tmp_path)
+    job = submit(env, tmp_path, "slurm/train.sbatch", *reference_args(out), options=("--hold",))
+    with socket.create_server(("", slurm_master_port(job))):  # another job's store, say
+        subprocess.run(["scontrol", "release", str(job)], env=slurm_env, check=True)
+        info = finished(slurm_env, job)
+    log = log_of(tmp_path)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[:3000] + "\n[...]\n" + log[-5000:]
+    assert "1 node(s) x 2 rank(s)" in log
+    port = int(re.search(r"rendezvous \S+:(\d+)", log).group(1))
+    assert port > slurm_master_port(job)
     assert (out / "export" / "model.safetensors").is_file()
     assert losses(out) == losses(two_rank_reference)
 
