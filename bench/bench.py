@@ -277,7 +277,7 @@ def table(work: Work, nproc: int, reps: int, results: dict[str, list[Run]], peak
 
 
 def bench_size(work: Work, reps: int, nproc: int, env: dict[str, str], tmp: Path, timeout: float,
-               peak_total: float | None) -> str:
+               peak_total: float | None, warmup: bool = True) -> str:
     def run(name: str, steps: int, tag: str) -> Run:
         run_dir = tmp / f"{work.size}-{name.replace(' ', '_')}-{tag}"
         run_dir.mkdir()
@@ -288,7 +288,7 @@ def bench_size(work: Work, reps: int, nproc: int, env: dict[str, str], tmp: Path
 
     modes = medgpt_modes(work)
     names = [*modes] if work.lora_r else [*modes, BASELINE]
-    for name in names:  # untimed: JIT-compiled ops and the tokenized-data cache are warm for both
+    for name in names if warmup else ():  # untimed: JIT-built ops and the data cache warm for both
         run(name, 1, "warmup")
     results: dict[str, list[Run]] = {name: [] for name in names}
     for rep in range(reps):
@@ -323,6 +323,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
     p.add_argument("--lora_r", type=int, default=0, help="> 0: medgpt with LoRA of this rank against full "
                    "fine-tuning, instead of medgpt against the HF Trainer")
+    p.add_argument("--no_warmup", action="store_true", help="skip each side's untimed first run: the first "
+                   "side then pays the op builds and data cache (a check that the bench runs, not a measurement)")
     p.add_argument("--write", action="store_true", help=f"append the results to {RESULTS.relative_to(REPO)}")
     args = p.parse_args(argv)
     args.sizes = args.sizes.split(",")
@@ -331,6 +333,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown or not args.steps or not args.reps or min(args.steps) < 2 or min(args.reps) < 1:
         p.error(f"--sizes takes {', '.join(MODEL_SHAPES)}; --steps (>= 2) and --reps (>= 1) take one whole number "
                 "or one per size")
+    if args.write and args.no_warmup:
+        p.error("--no_warmup timings include one-time builds and are not recorded: drop --write or --no_warmup")
     return args
 
 
@@ -349,7 +353,8 @@ def resolved(args: argparse.Namespace, gpu: bool, nproc: int) -> str:
     return (f"--sizes {','.join(args.sizes)} --steps {','.join(map(str, args.steps))} "
             f"--reps {','.join(map(str, args.reps))} --micro_batch_size {args.micro_batch_size} "
             f"--grad_accum {args.grad_accum} --seq_len {args.seq_len} --device {'gpu' if gpu else 'cpu'} "
-            f"--nproc {nproc}" + (f" --lora_r {args.lora_r}" if args.lora_r else ""))
+            f"--nproc {nproc}" + (f" --lora_r {args.lora_r}" if args.lora_r else "")
+            + (" --no_warmup" if args.no_warmup else ""))
 
 
 def run_env(gpu: bool, nproc: int) -> dict[str, str]:
@@ -392,7 +397,8 @@ def main(argv: list[str]) -> None:
                         micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum, steps=steps,
                         packed_micro_batch_size=max(1, round(args.micro_batch_size / per_pack)),
                         lora_r=args.lora_r)
-            tables.append(bench_size(work, reps, nproc, env, Path(tmp), args.timeout, peak_total))
+            tables.append(bench_size(work, reps, nproc, env, Path(tmp), args.timeout, peak_total,
+                                      warmup=not args.no_warmup))
             print(tables[-1] + "\n", flush=True)
     minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
     if args.write:

@@ -2,8 +2,9 @@
 
     python launcher/prepare_data.py --config configs/smoke.yaml --packing on
 
-Takes the same config and flags as launcher/train.py (only the model/tokenizer and data ones
-matter); a training run with the same ones reuses the cache without tokenizing again.
+Takes the same config file and flags as launcher/train.py; only the model and data ones below
+matter (the others are accepted and ignored, so one command line serves both). A training run
+with the same ones reuses the cache without tokenizing again.
 """
 import sys
 
@@ -13,7 +14,7 @@ from medgpt.errors import CliParser, run_cli
 
 
 def parser() -> CliParser:
-    return build_parser(__doc__)
+    return build_parser(__doc__, shown=("model", "data"))
 
 
 def main(argv: list[str]) -> None:

@@ -76,7 +76,7 @@ def _help_line(f: dataclasses.Field, kind: type) -> str:
     if f.default is dataclasses.MISSING:
         line = f"{f.metadata['help']} (required)"
     elif kind is bool:
-        line = f"{f.metadata['help']} (default: {str(f.default).lower()}; true/false, yes/no, on/off, 1/0)"
+        line = f"{f.metadata['help']} (default: {'on' if f.default else 'off'}; on/off, true/false, yes/no, 1/0)"
     else:
         shown = "none" if f.default in (None, ()) else "''" if f.default == "" else f.default
         line = f"{f.metadata['help']} (default: {shown})"
@@ -88,23 +88,28 @@ def _metavar(f: dataclasses.Field, kind: type) -> str:
         return f.name
     if f.metadata["choices"]:
         return "{" + ",".join(f.metadata["choices"]) + "}"
-    return "{true,false}" if kind is bool else "STR" if kind is tuple else kind.__name__.upper()
+    return "{on,off}" if kind is bool else "STR" if kind is tuple else kind.__name__.upper()
 
 
-def add_fields(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) -> None:
+def add_fields(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, shown: bool = True) -> None:
     """One argument per field of ``cls``, each with default None (so that "not given" is told
-    apart from the default: a YAML file's value wins over the default, a flag over both)."""
+    apart from the default: a YAML file's value wins over the default, a flag over both).
+    ``shown=False``: accepted but left out of --help."""
     for f in dataclasses.fields(cls):
         kind = field_type(cls, f.name)
-        options: dict[str, Any] = dict(default=None, metavar=_metavar(f, kind), help=_help_line(f, kind))
-        if f.metadata["positional"]:  # optional to argparse, which would stop at a missing one
-            parser.add_argument(f.name, nargs="?", **options)
+        options: dict[str, Any] = dict(default=None, metavar=_metavar(f, kind),
+                                       help=_help_line(f, kind) if shown else argparse.SUPPRESS)
+        if f.metadata["positional"]:
+            action = parser.add_argument(f.name, nargs="?", **options)
         elif kind is bool:  # a bare --flag means true, as argparse's store_true
-            parser.add_argument(f"--{f.name}", nargs="?", const="true", **options)
+            action = parser.add_argument(f"--{f.name}", nargs="?", const="true", **options)
         elif kind is tuple:
-            parser.add_argument(f"--{f.name}", action="append", **options)
+            action = parser.add_argument(f"--{f.name}", action="append", **options)
         else:
-            parser.add_argument(f"--{f.name}", **options)
+            action = parser.add_argument(f"--{f.name}", **options)
+        # Optional to argparse, which would stop at the first one missing (missing_problems reports
+        # them all); --help still shows it as required (CliParser.format_help).
+        action.shown_required = f.default is dataclasses.MISSING  # type: ignore[attr-defined]
 
 
 def given_values(args: argparse.Namespace, cls: type, problems: list[str]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medgpt.cli import Request, arg
-from medgpt.config import DEVICES, LORA_TARGETS, PRECISIONS, ModelConfig, lora_problems
+from medgpt.config import DEVICES, EVAL_BATCH_SIZE, LORA_TARGETS, PRECISIONS, ModelConfig, lora_problems
 from medgpt.errors import UserError
 from medgpt.memory_plan import ATTENTIONS
 from medgpt.outputs import check_new_output_dir, check_output_dir
@@ -34,8 +34,7 @@ class EvalRequest(Request):
     output_dir: str = arg("", help="folder for predictions.json and metrics.json; empty: runs/eval-<split> "
                           "(with --predictions: print only)")
     device: str = arg("auto", choices=DEVICES, help=DEVICE_HELP)
-    # The name training uses for the same batch; no backward pass, so larger than training's.
-    eval_batch_size: int = arg(8, help="questions per rank per batch when scoring")
+    eval_batch_size: int = arg(EVAL_BATCH_SIZE, help="questions per rank per batch when scoring")
     seq_len: int | None = arg(None, help="longest prompt + answer in tokens; contexts are cut to fit. Unset: the "
                               f"seq_len a medgpt export was trained with, else {FALLBACK_SEQ_LEN}")
     mode: str = arg("loglik", choices=MODES, help="loglik: the likeliest of yes/no/maybe; generate: greedy "

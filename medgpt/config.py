@@ -22,6 +22,7 @@ from medgpt.pubmedqa import HUB_DATASET, NUM_FOLDS, SUBSETS, fold_problem
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cuda", "cpu")
+EVAL_BATCH_SIZE = 16  # questions per rank per scoring batch, in training and launcher/evaluate.py alike
 SELECT_BEST = ("none", "macro_f1", "accuracy", "loss")  # loss: the dev answer-token loss, lower is better
 # Where metrics and the config go (medgpt.tracking); each optional one is a package and an extra of that name.
 TRACKERS = ("tensorboard", "mlflow", "wandb")
@@ -91,7 +92,7 @@ class TrainConfig:
     precision: str = arg("bf16", choices=PRECISIONS, help="training precision (fp16 needs a GPU)")
     micro_batch_size: int = arg(4, help="samples (packed rows with --packing) per rank per micro-step")
     # No backward pass: evaluation affords larger batches.
-    eval_batch_size: int = arg(16, help="questions per rank per batch when scoring dev and test")
+    eval_batch_size: int = arg(EVAL_BATCH_SIZE, help="questions per rank per batch when scoring dev and test")
     grad_accum: int = arg(1, help="micro-steps accumulated per optimizer step")
     epochs: int = arg(3, help="passes over the training questions")
     max_steps: int = arg(0, help=">0: stop after this many optimizer steps, overriding epochs")
@@ -280,13 +281,15 @@ def _field_index() -> dict[str, tuple[str, type]]:
     return index
 
 
-def build_parser(description: str | None = None) -> CliParser:
-    """The parser of launcher/train.py and launcher/prepare_data.py (``description``: the launcher's)."""
+def build_parser(description: str | None = None, shown: tuple[str, ...] = tuple(SECTIONS)) -> CliParser:
+    """The parser of launcher/train.py and launcher/prepare_data.py (``description``: the launcher's).
+    Every section's flags are accepted (one config file serves both); --help shows the ``shown`` ones."""
     parser = new_parser(description)
     parser.add_argument("--config", metavar="YAML", help="YAML file with model/data/optim/train sections of "
                         "these fields; flags win over the file (default: none)")
     for name, section in SECTIONS.items():
-        add_fields(parser.add_argument_group(f"{name} (the YAML file's {name}: section)"), section)
+        add_fields(parser.add_argument_group(f"{name} (the YAML file's {name}: section)"), section,
+                   shown=name in shown)
     return parser
 
 

@@ -18,11 +18,12 @@ of a SIGTERM/SIGINT sent to it at once (143/130 in a shell) while its ranks save
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from medgpt.launch_env import launch_rank
@@ -83,6 +84,31 @@ class CliParser(argparse.ArgumentParser):
             # argparse reads a value like -1e-3 or -inf as another flag.
             message += "; write a value that starts with '-' as --flag=-value"
         raise UserError(message)
+
+    def format_usage(self) -> str:
+        with self._required_shown():
+            return super().format_usage()
+
+    def format_help(self) -> str:
+        with self._required_shown():
+            return super().format_help()
+
+    @contextlib.contextmanager
+    def _required_shown(self) -> Iterator[None]:
+        """Required fields (medgpt.cli.add_fields) are optional to argparse, so that every missing one
+        is reported at once rather than argparse's first; in --help they read as required:
+        ``--checkpoint STR``, not ``[--checkpoint STR]``."""
+        flagged = [a for a in self._actions if getattr(a, "shown_required", False)]
+        saved = [(a.required, a.nargs) for a in flagged]
+        for action in flagged:
+            action.required = True
+            if not action.option_strings:  # a positional: nargs "?" is what argparse brackets
+                action.nargs = None
+        try:
+            yield
+        finally:
+            for action, (required, nargs) in zip(flagged, saved, strict=True):
+                action.required, action.nargs = required, nargs
 
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                    namespace: Any = None) -> argparse.Namespace:

@@ -12,8 +12,9 @@ pytestmark = pytest.mark.e2e
 
 
 def test_bench_prints_both_frameworks_with_positive_numbers():
-    proc = launch(["--sizes", "tiny", "--steps", "2", "--reps", "1", "--device", "cpu",
-                   "--micro_batch_size", "2", "--grad_accum", "1"], script=str(REPO / "bench" / "bench.py"))
+    proc = launch(["--sizes", "tiny", "--steps", "2", "--reps", "1", "--device", "cpu", "--no_warmup",
+                   "--micro_batch_size", "2", "--grad_accum", "1", "--seq_len", "256"],
+                  script=str(REPO / "bench" / "bench.py"))
     check_ok(proc)
     rows = {cells[0]: cells[1:] for line in proc.stdout.splitlines() if line.startswith("| ")
             for cells in [[c.strip() for c in line.strip("| ").split(" | ")]]}

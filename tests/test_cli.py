@@ -14,7 +14,7 @@ import pytest
 
 from conftest import PROGRAMS, REPO, launch_env
 from medgpt.cli import parse_request
-from medgpt.commands import EvalRequest, PlanRequest
+from medgpt.commands import EvalRequest, ExportRequest, PlanRequest
 from medgpt.config import parse_config
 from medgpt.errors import UserError
 
@@ -54,7 +54,7 @@ def test_one_name_and_one_meaning_per_flag_across_launchers():
     by_launcher = {name: flags(name) for name in LAUNCHERS}
     for name, actions in by_launcher.items():
         assert "output" not in actions and "batch_size" not in actions, name
-    for name in ("train", "prepare_data", "evaluate", "export"):
+    for name in ("train", "evaluate", "export"):
         assert "output_dir" in by_launcher[name], name
     for name in ("train", "evaluate"):
         assert "eval_batch_size" in by_launcher[name], name
@@ -63,6 +63,27 @@ def test_one_name_and_one_meaning_per_flag_across_launchers():
         for flag, action in actions.items():
             metavars.setdefault(flag, set()).add(action.metavar)
     assert {flag: kinds for flag, kinds in metavars.items() if len(kinds) > 1} == {}  # same type and choices
+
+
+def test_prepare_data_shows_its_flags_and_takes_all_of_trains():
+    """One command line or config file serves train.py and prepare_data.py; prepare_data's --help
+    lists only the model and data flags, the ones it uses."""
+    shown, train = flags("prepare_data"), flags("train")
+    assert {"model", "tokenizer", "data", "seq_len", "packing", "cache_dir"} <= shown.keys()
+    assert not {"lr", "output_dir", "ds_config", "max_steps"} & shown.keys()
+    argv = [arg for flag in train if flag != "config" for arg in (f"--{flag}", "1")]
+    assert launcher("prepare_data").parser().parse_known_args(argv)[1] == []
+
+
+def test_help_shows_required_flags_and_positionals_without_brackets():
+    usage = " ".join(launcher("export").parser().format_usage().split())
+    assert "--checkpoint STR --output_dir STR [--dtype {fp32,bf16,fp16}]" in usage
+    usage = " ".join(launcher("generate").parser().format_usage().split())
+    assert "--model STR [--context STR]" in usage and usage.endswith(" question")
+    # ... and are still all reported at once when missing, not argparse's first one only.
+    with pytest.raises(UserError) as err:
+        parse_request(ExportRequest, launcher("export").parser(), [])
+    assert [p.split()[0] for p in err.value.problems] == ["--checkpoint", "--output_dir"]
 
 
 @pytest.mark.parametrize("name", LAUNCHERS)
