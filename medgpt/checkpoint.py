@@ -371,8 +371,22 @@ def convert_to_universal(tag_dir: Path, dist: Dist) -> Path:
     return target
 
 
+def needs_reshard(meta: CheckpointMeta, world_size: int) -> bool:
+    """A ZeRO checkpoint is partitioned per rank: on another world size it loads through DeepSpeed's
+    universal format."""
+    return meta.world_size != world_size and meta.zero_stage > 0
+
+
 def load_checkpoint(engine: Any, tag_dir: Path, dist: Dist) -> TrainState:
-    """Load model, optimizer and scheduler state (all ranks), then this rank's RNG states."""
+    """Load model, optimizer and scheduler state (all ranks), then this rank's RNG states; a tag
+    of another world size through its universal copy."""
+    universal = needs_reshard(read_meta(tag_dir), dist.world_size)
+    if universal:
+        tag_dir = convert_to_universal(tag_dir, dist)
+    # Set per tag: a run resumed on 2 ranks may load a --select_best tag saved on 1. The engine reads
+    # this flag only while loading (deepspeed/runtime/engine.py:1712-1713; its uses are all in
+    # load_checkpoint and its helpers, engine.py:4388-4767).
+    engine._config.load_universal_checkpoint = universal
     path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:

@@ -2,8 +2,9 @@
 
 Every rule about continuing a run lives here and answers with a :class:`ResumePlan`; the config
 stays as the user gave it (the saved ``config.yaml`` is what they asked for), and the plan says
-what differs: the accumulation that keeps the checkpoint's global batch on this world size, and
-whether a ZeRO checkpoint must be resharded to load.
+what differs: the accumulation that keeps the checkpoint's global batch on this world size.
+(Whether a tag loads through DeepSpeed's universal format is decided per tag, at load:
+medgpt.checkpoint.load_checkpoint.)
 """
 from __future__ import annotations
 
@@ -34,9 +35,6 @@ class ResumePlan:
     checkpoint: Path | None  # the tag folder to load; None: a fresh start
     meta: CheckpointMeta | None
     grad_accum: int  # cfg's, or what keeps the checkpoint's global batch on this world size
-    # A ZeRO checkpoint is partitioned per rank: on another world size it loads through
-    # DeepSpeed's universal format.
-    reshard: bool
 
     @property
     def step(self) -> int:
@@ -84,7 +82,7 @@ def plan_resume(cfg: Config, checkpoint: Path | None, model_config: PretrainedCo
     """The plan for this run, refusing (all problems at once) a checkpoint it cannot continue.
     ``report``: say what differs from the config (rank 0)."""
     if checkpoint is None:
-        return ResumePlan(None, None, cfg.train.grad_accum, reshard=False)
+        return ResumePlan(None, None, cfg.train.grad_accum)
     meta = read_meta(checkpoint)
     _, _, _, accum = check_all(lambda: check_same_model(meta, model_config, checkpoint),
                                lambda: check_same_lora(meta, cfg.model, checkpoint),
@@ -93,7 +91,7 @@ def plan_resume(cfg: Config, checkpoint: Path | None, model_config: PretrainedCo
     if report and accum != cfg.train.grad_accum:
         print(f"medgpt: grad_accum {cfg.train.grad_accum} -> {accum} keeps the checkpoint's global batch "
               f"{meta.global_batch} on {world_size} rank(s)", flush=True)
-    return ResumePlan(checkpoint, meta, accum, reshard=meta.world_size != world_size and meta.zero_stage > 0)
+    return ResumePlan(checkpoint, meta, accum)
 
 
 def _accumulation_for(meta: CheckpointMeta, micro_batch_size: int, world_size: int) -> int:

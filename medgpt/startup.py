@@ -17,7 +17,6 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from medgpt.checkpoint import (
     CheckpointMeta,
     TrainState,
-    convert_to_universal,
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -113,8 +112,6 @@ def resolve_run_ds_config(cfg: Config, inputs: Inputs, plan: ResumePlan, data: D
     ds_config = resolve_ds_config(inputs.raw_ds_config, cfg, dist.world_size, data.total_steps,
                                   hidden_size=inputs.model_config.n_embd, on_gpu=dist.device.type == "cuda",
                                   grad_accum=plan.grad_accum)
-    if plan.reshard:
-        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     if dist.is_main and cfg.train.precision == "bf16" and zero_stage(ds_config) == 0:
         print("medgpt: note: ZeRO-0 in bf16 accumulates and all-reduces gradients in bf16 (DeepSpeed keeps fp32 "
               "accumulation for ZeRO >= 1); ZeRO-1 accumulates in fp32 at about the same memory", flush=True)
@@ -155,8 +152,7 @@ def build_engine(cfg: Config, inputs: Inputs, plan: ResumePlan, ds_config: dict[
     torch.manual_seed(t.seed + dist.rank)  # dropout masks differ across ranks, reproducibly
     state = TrainState()
     if plan.checkpoint:
-        tag = convert_to_universal(plan.checkpoint, dist) if plan.reshard else plan.checkpoint
-        state = load_checkpoint(engine, tag, dist)
+        state = load_checkpoint(engine, plan.checkpoint, dist)
     meta = CheckpointMeta(config=cfg, model_config=model_config.to_dict(),
                           model_shape=ModelShape.from_config(model_config),
                           global_batch=t.micro_batch_size * plan.grad_accum * dist.world_size,

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from medgpt.checkpoint import TrainState, convert_to_universal, load_checkpoint, mark_finished
+from medgpt.checkpoint import TrainState, load_checkpoint, mark_finished
 from medgpt.config import Config, TrainConfig
 from medgpt.data import to_device
 from medgpt.distributed import Dist, exit_on_collective_timeout, init_distributed
@@ -249,7 +249,7 @@ def _final_checkpoint(run: Engine, plan: ResumePlan, t: TrainConfig, dist: Dist)
     if best is None:
         return last
     if state.best_step != state.step:
-        load_checkpoint(run.engine, convert_to_universal(best, dist) if plan.reshard else best, dist)
+        load_checkpoint(run.engine, best, dist)
     if dist.is_main:
         choice = {"metric": t.select_best, "score": state.best_score, "step": state.best_step, "checkpoint": str(best)}
         (Path(t.output_dir) / BEST_FILE).write_text(json.dumps(choice, indent=2))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import EVALUATE_PY, ORI_JSON, check_ok, launch, read_scalars, stopped_at, tiny_args
+from conftest import EVALUATE_PY, ORI_JSON, REPO, check_ok, launch, read_scalars, stopped_at, tiny_args
 from medgpt.safe_load import load_weights
 
 pytestmark = pytest.mark.e2e
@@ -14,8 +14,11 @@ pytestmark = pytest.mark.e2e
 STEPS, EVERY = 12, 2
 # lr 2e-2 without warmup: the tiny model's dev macro-F1 climbs to a plateau mid-run (it settles on
 # one answer), and ties keep the earlier step, so the best checkpoint is not the last one.
+# ZeRO-1: its checkpoints are partitioned (a resize reshards them), its model states file holds the
+# whole model (module_weights).
 BEST = dict(max_steps=STEPS, lr=2e-2, warmup_steps=0, eval_every=EVERY, save_every=EVERY, select_best="macro_f1",
-            seq_len=256, micro_batch_size=4, grad_accum=1, eval_batch_size=32)
+            seq_len=256, micro_batch_size=4, grad_accum=1, eval_batch_size=32,
+            ds_config=REPO / "ds_configs" / "zero1.json")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,11 @@ def expected_best(scores, early_stop=0):
 
 
 def module_weights(tag_dir):
-    return load_weights(tag_dir / "mp_rank_00_model_states.pt")["module"]  # ZeRO-0: the whole model
+    return load_weights(tag_dir / "mp_rank_00_model_states.pt")["module"]
+
+
+def exported_weights(out):
+    return AutoModelForCausalLM.from_pretrained(out / "export").state_dict()
 
 
 def test_the_best_dev_step_is_kept_scored_and_exported(reference, tmp_path):
@@ -58,7 +65,7 @@ def test_the_best_dev_step_is_kept_scored_and_exported(reference, tmp_path):
     assert best["score"] == pytest.approx(dict(scores)[best_step], rel=1e-6)  # TensorBoard keeps float32
     assert read_scalars(reference)["best/step"][-1] == (best_step, best_step)
 
-    exported = AutoModelForCausalLM.from_pretrained(reference / "export").state_dict()
+    exported = exported_weights(reference)
     chosen, last = (module_weights(reference / "checkpoints" / f"step{s}") for s in (best_step, STEPS))
     assert all(torch.equal(exported[name], value) for name, value in chosen.items())
     assert any(not torch.equal(exported[name], value) for name, value in last.items())
@@ -94,7 +101,22 @@ def test_a_resumed_run_keeps_the_best_so_far(reference, tmp_path, data_cache):
     resumed = stopped_at(reference, tmp_path / "resumed", stop, older=(best_step,))
     check_ok(launch(tiny_args(resumed, data_cache, keep_last=0, **BEST)))
     assert json.loads((resumed / "best.json").read_text())["step"] == best_step
-    want = AutoModelForCausalLM.from_pretrained(reference / "export").state_dict()
-    got = AutoModelForCausalLM.from_pretrained(resumed / "export").state_dict()
+    want, got = exported_weights(reference), exported_weights(resumed)
     assert all(torch.equal(got[name], value) for name, value in want.items())
     assert (resumed / "test_predictions.json").read_text() == (reference / "test_predictions.json").read_text()
+
+
+def test_a_best_saved_before_a_resize_loads_after_any_later_resume(reference, tmp_path, data_cache):
+    """The best saved on 1 rank; the run goes on and finishes on 2 ranks (its resume resharded), then
+    is rerun longer on 2 ranks: that resume needs no resharding, the best it ends with still does."""
+    best_step, _ = expected_best(dev_scores(reference))
+    assert best_step + EVERY < STEPS, f"the best step {best_step} leaves no room for two more resumes"
+    run = stopped_at(reference, tmp_path / "resized", best_step)
+    two_ranks = {**BEST, "micro_batch_size": BEST["micro_batch_size"] // 2}  # the same global batch
+    for max_steps in (best_step + EVERY, STEPS):
+        check_ok(launch(tiny_args(run, data_cache, keep_last=0, **{**two_ranks, "max_steps": max_steps}),
+                        launcher="torchrun", nproc=2))
+        assert json.loads((run / "best.json").read_text())["step"] == best_step
+        assert (run / "checkpoints" / f"step{best_step}_universal").is_dir()
+        got, want = exported_weights(run), exported_weights(reference)
+        assert all(torch.equal(got[name], value) for name, value in want.items())
