@@ -39,21 +39,24 @@ def slurm_master_port(job_id: int) -> int:
     return 15000 + job_id % 20000
 
 
-def free_port_from(first: int, tries: int = 100) -> int:
-    """The first port from ``first`` up that nothing on this host listens on now. slurm/common.sh
-    runs on the job's first host and asks for its rendezvous port here: torchrun, finding the port
-    taken, becomes a *client* of whatever holds it and fails with "Failed to recv, got 0 bytes"
-    (torch/distributed/elastic/rendezvous/c10d_rendezvous_backend.py:154-182, _create_tcp_store
-    retries with is_server=False), and that is how a job collided with another one on a shared node."""
-    for port in range(first, first + tries):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("", port))  # all addresses, as the c10d store binds
-            except OSError:
-                continue
-            return port
-    raise OSError(f"ports {first}-{first + tries - 1} are all in use on this host; set MEDGPT_MASTER_PORT")
+def batch_rendezvous_port(job_id: int) -> int:
+    """The rendezvous port of a batch job, chosen on its first host (slurm/common.sh): the one
+    derived from the job id if nothing holds it there, else one the OS picks free. torchrun,
+    finding its port taken, would become a *client* of whatever holds it and fail with "Failed to
+    recv, got 0 bytes" (torch/distributed/elastic/rendezvous/c10d_rendezvous_backend.py:154-182:
+    _create_tcp_store retries with is_server=False). Not the next port up: that one is derived for
+    the next job, which may be an srun-direct job that cannot choose."""
+    derived = slurm_master_port(job_id)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            # All addresses, as the store binds; no SO_REUSEADDR, as the store: a port whose old
+            # connections are still in TIME_WAIT is refused to both.
+            probe.bind(("", derived))
+            return derived
+        except OSError:
+            probe.bind(("", 0))
+            return probe.getsockname()[1]
 
 
 if __name__ == "__main__":  # slurm/common.sh: the rendezvous port of job <SLURM_JOB_ID>, on its first host
-    print(free_port_from(slurm_master_port(int(sys.argv[1]))))
+    print(batch_rendezvous_port(int(sys.argv[1])))

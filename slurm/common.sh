@@ -24,12 +24,11 @@ head_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n1
 if [[ -z $head_host ]] || ! getent hosts "$head_host" >/dev/null; then
     die "cannot resolve the first host of SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST' (got '${head_host}')"
 fi
-# Derived from the job id (as medgpt's srun-direct mode does, without any exchange), then the first
-# port from there that is free on this host, the head host, where the rendezvous store will listen: a
-# port held by another job would make torchrun a client of that job (medgpt/launch_env.py). The
-# other nodes receive it on their command line.
+# Derived from the job id (as medgpt's srun-direct mode does, without any exchange) unless something
+# on this host, the head host where the rendezvous store will listen, holds it; then one the OS
+# picks (medgpt/launch_env.py says why). The other nodes receive it on their command line.
 master_port=${MEDGPT_MASTER_PORT:-$("$python" -m medgpt.launch_env "$SLURM_JOB_ID")} \
-    || die "no free rendezvous port on $(hostname -s) (the line above says why)"
+    || die "cannot pick a rendezvous port on $(hostname -s) (the line above says why)"
 nproc_per_node=${MEDGPT_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 
 # --- Process settings, inherited by every rank.

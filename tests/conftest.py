@@ -47,6 +47,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.xdist_group(group))
 
 
+UNGROUPED = pytest.StashKey[str]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """In an xdist worker with --dist loadgroup, every test id must carry its group (xdist appends
+    "@<group>"); without, the scheduler spreads a group's tests over both workers and, e.g., two
+    SLURM clusters hand out the same job ids and rendezvous ports at once. Then every test fails
+    with the reason (an error raised here reaches the console as an INTERNALERROR without its text)."""
+    if not session.config.getvalue("loadgroup"):
+        return
+    ungrouped = [item.nodeid for item in session.items if "@" not in item.nodeid.rsplit("]", 1)[-1]]
+    if ungrouped:
+        session.config.stash[UNGROUPED] = (
+            f"pytest-xdist did not group {len(ungrouped)} test(s) (e.g. {ungrouped[0]}): pytest {pytest.__version__} "
+            "and this pytest-xdist do not work together; install the versions pyproject.toml's dev extra allows")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if UNGROUPED in item.config.stash:
+        pytest.fail(item.config.stash[UNGROUPED], pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tokenized-data cache for the whole session (tokenize once, like real runs)."""
