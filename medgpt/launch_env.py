@@ -49,8 +49,8 @@ def batch_rendezvous_port(job_id: int) -> int:
     derived = slurm_master_port(job_id)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
-            # All addresses, as the store binds; no SO_REUSEADDR, as the store: a port whose old
-            # connections are still in TIME_WAIT is refused to both.
+            # All addresses, as the store binds. No SO_REUSEADDR: a port whose old connections are
+            # still in TIME_WAIT is passed over too, to be safe.
             probe.bind(("", derived))
             return derived
         except OSError:
