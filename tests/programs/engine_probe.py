@@ -82,3 +82,7 @@ if dist.is_main:
     print(json.dumps({"optimizer": type(engine.basic_optimizer).__name__, "wrapper": type(optimizer).__name__,
                       "accumulates_in": accumulates_in, "collectives_per_step": per_step,
                       "loss_scale": None if loss_scale is None else float(loss_scale)}), flush=True)
+
+# Closed before exit: gloo's threads can abort an interpreter that exits with the group open
+# ("terminate called without an active exception", SIGABRT after the work was done).
+torch.distributed.destroy_process_group()

@@ -52,3 +52,7 @@ for stage in stages:
                           zero_stage=stage, optimizer=type(engine.optimizer).__name__)
     save_checkpoint(engine, out, TrainState(step=2), meta, load_tokenizer(cfg.model), dist, keep_last=0)
     engine.destroy()
+
+# Closed before exit: gloo's threads can abort an interpreter that exits with the group open
+# ("terminate called without an active exception", SIGABRT after the work was done).
+torch.distributed.destroy_process_group()

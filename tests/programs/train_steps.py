@@ -72,3 +72,7 @@ if dist.is_main:
                       "activation_checkpointing": engine.module.is_activation_checkpointing,
                       "mlp_forwards": forwards, "compiled": engine.is_compiled,
                       "peak_memory_gib": [b / 2**30 for b in stats.peak_memory]}), flush=True)
+
+# Closed before exit: gloo's threads can abort an interpreter that exits with the group open
+# ("terminate called without an active exception", SIGABRT after the work was done).
+torch.distributed.destroy_process_group()
