@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from medgpt.launch_env import launch_rank
+from medgpt.shutdown import exit_interrupted, exit_process
 
 USER_ERROR_EXIT = 2
 DIVERGED_EXIT = 3
@@ -144,26 +145,33 @@ def _is_number(token: str) -> bool:
     return True
 
 
-def run_cli(main: Callable[[], None]) -> None:
-    """Run a launcher's main; turn a Failure into one ``medgpt: error:`` line per problem on
-    stderr and its exit code (2 for bad input)."""
+def run_cli(main: Callable[[], None]) -> NoReturn:
+    """Run a launcher's main and end the process through medgpt.shutdown, whatever happens: 0 when it
+    returns; a Failure's code after one ``medgpt: error:`` line per problem (2 for bad input); a
+    SystemExit's code (a stop after saving: PREEMPTED_EXIT); 1 after the traceback of a crash;
+    Ctrl-C's SIGINT for a KeyboardInterrupt."""
     try:
         main()
     except Failure as err:
         report(err.problems, launch_rank())
-        _close_process_group()
-        sys.exit(err.exit_code)
-    except SystemExit:  # a stop after saving (PREEMPTED_EXIT)
-        _close_process_group()
-        raise
+        exit_process(err.exit_code)
+    except SystemExit as end:
+        exit_process(_system_exit_code(end))
+    except KeyboardInterrupt:
+        sys.excepthook(*sys.exc_info())  # its traceback, as Python prints it
+        exit_interrupted()
+    except BaseException:
+        sys.excepthook(*sys.exc_info())  # the collective-timeout hook (medgpt.distributed) sees it here
+        exit_process(1)
+    exit_process(0)
 
 
-def _close_process_group() -> None:
-    """A gloo group left open at interpreter exit can abort it ("terminate called without an active
-    exception", exit -6 instead of the code meant). Only where torch was imported: --help stays light."""
-    torch_dist = sys.modules.get("torch.distributed")
-    if torch_dist is not None and torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
+def _system_exit_code(end: SystemExit) -> int:
+    """As Python reads SystemExit: None is 0, an int is itself, anything else is printed and is 1."""
+    if end.code is None or isinstance(end.code, int):
+        return end.code or 0
+    print(end.code, file=sys.stderr)
+    return 1
 
 
 def report(problems: list[str], rank: int) -> None:

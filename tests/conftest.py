@@ -55,7 +55,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     "@<group>"); without, the scheduler spreads a group's tests over both workers and, e.g., two
     SLURM clusters hand out the same job ids and rendezvous ports at once. Then every test fails
     with the reason (an error raised here reaches the console as an INTERNALERROR without its text)."""
-    if not session.config.getvalue("loadgroup"):
+    if not session.config.getoption("loadgroup", default=False):  # set in xdist workers only
         return
     ungrouped = [item.nodeid for item in session.items if "@" not in item.nodeid.rsplit("]", 1)[-1]]
     if ungrouped:

@@ -62,8 +62,12 @@ def fault_and_wait(proc: subprocess.Popen, out: Path, fault: Callable[[], None],
     pytest.param("torchrun", signal.SIGTERM, False, 1, id="torchrun-TERM"),
     # Ctrl-C: SIGINT to the whole foreground group, launchers and ranks. torchrun forwards it as well.
     pytest.param("torchrun", signal.SIGINT, True, 1, id="torchrun-ctrl-c"),
-    # The `deepspeed` command dies of KeyboardInterrupt (130 in a shell); launch.py passes SIGTERM on.
-    pytest.param("deepspeed", signal.SIGINT, True, -signal.SIGINT, id="deepspeed-ctrl-c"),
+    # Ctrl-C reaches the `deepspeed` command, launch.py and the ranks at once. The command's own code
+    # depends on where the signal finds it: in Popen.wait, KeyboardInterrupt (-2, 130 in a shell);
+    # after launch.py has already gone (its handler ends the ranks' trees and exits 1,
+    # deepspeed/launcher/launch.py:251-266), the runner's `sys.exit(returncode)`: 1. Seen both ways
+    # on a loaded machine, so only what is guaranteed is asserted: non-zero (None below).
+    pytest.param("deepspeed", signal.SIGINT, True, None, id="deepspeed-ctrl-c"),
 ])
 def test_stop_signal_saves_exits_and_resumes_bit_exact(launcher, sig, whole_group, caller_sees, tmp_path,
                                                        reference_args, two_rank_reference):
@@ -75,9 +79,11 @@ def test_stop_signal_saves_exits_and_resumes_bit_exact(launcher, sig, whole_grou
     log = (tmp_path / "log").read_text()
     print(f"{launcher} {sig.name}: caller sees {proc.returncode} after {launcher_s:.1f} s, "
           f"no process left after {all_s:.1f} s")
-    assert proc.returncode == caller_sees, log[-5000:]
-    # Rank 0 names the signal, or (under deepspeed) another rank noticed the launcher's end first.
-    assert re.search(rf"stop requested \(({sig.name}|on another rank)\): saved step", log), log[-5000:]
+    assert (proc.returncode != 0) if caller_sees is None else (proc.returncode == caller_sees), log[-5000:]
+    # The ranks' own code, 75: rank 0 says it saved and exits with it. It names the signal, or (under
+    # deepspeed) that another rank noticed the launcher's end first.
+    assert re.search(rf"stop requested \(({sig.name}|on another rank)\): saved step \d+, exiting with 75", log), (
+        log[-5000:])
     step = latest_step(out)
     assert 1 <= step < 20
     check_ok(launch(reference_args(out), launcher=launcher, nproc=2))

@@ -13,6 +13,7 @@ from medgpt.checkpoint import load_checkpoint, read_meta
 from medgpt.distributed import init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config
 from medgpt.model import build_model, load_model_config
+from medgpt.shutdown import exit_process
 
 dist = init_distributed()
 for tag_dir, out in zip(map(Path, sys.argv[1::2]), map(Path, sys.argv[2::2]), strict=True):
@@ -29,6 +30,4 @@ for tag_dir, out in zip(map(Path, sys.argv[1::2]), map(Path, sys.argv[2::2]), st
     if dist.is_main:
         torch.save(logits, out)
 
-# Closed before exit: gloo's threads can abort an interpreter that exits with the group open
-# ("terminate called without an active exception", SIGABRT after the work was done).
-torch.distributed.destroy_process_group()
+exit_process(0)  # not a plain exit: gloo's threads can abort it (medgpt/shutdown.py)

@@ -23,6 +23,7 @@ from medgpt.data import collate
 from medgpt.distributed import init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config
 from medgpt.model import build_model, load_model_config
+from medgpt.shutdown import exit_process
 from medgpt.train import train_step
 
 ds_path, precision, model_path = sys.argv[1:4]
@@ -83,6 +84,4 @@ if dist.is_main:
                       "accumulates_in": accumulates_in, "collectives_per_step": per_step,
                       "loss_scale": None if loss_scale is None else float(loss_scale)}), flush=True)
 
-# Closed before exit: gloo's threads can abort an interpreter that exits with the group open
-# ("terminate called without an active exception", SIGABRT after the work was done).
-torch.distributed.destroy_process_group()
+exit_process(0)  # not a plain exit: gloo's threads can abort it (medgpt/shutdown.py)

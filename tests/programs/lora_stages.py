@@ -19,6 +19,7 @@ from medgpt.lora import trainable_parameters
 from medgpt.model import build_model, load_model_config, load_tokenizer
 from medgpt.model_shape import ModelShape
 from medgpt.prompt import IGNORE_INDEX
+from medgpt.shutdown import exit_process
 from medgpt.train import train_step
 
 output, lora_r, stages = Path(sys.argv[1]), sys.argv[2], [int(s) for s in sys.argv[3:]]
@@ -53,6 +54,4 @@ for stage in stages:
     save_checkpoint(engine, out, TrainState(step=2), meta, load_tokenizer(cfg.model), dist, keep_last=0)
     engine.destroy()
 
-# Closed before exit: gloo's threads can abort an interpreter that exits with the group open
-# ("terminate called without an active exception", SIGABRT after the work was done).
-torch.distributed.destroy_process_group()
+exit_process(0)  # not a plain exit: gloo's threads can abort it (medgpt/shutdown.py)

@@ -21,6 +21,7 @@ from medgpt.data import collate
 from medgpt.distributed import init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config
 from medgpt.model import build_model, load_model_config
+from medgpt.shutdown import exit_process
 from medgpt.train import train_step
 
 parser = argparse.ArgumentParser()
@@ -73,6 +74,4 @@ if dist.is_main:
                       "mlp_forwards": forwards, "compiled": engine.is_compiled,
                       "peak_memory_gib": [b / 2**30 for b in stats.peak_memory]}), flush=True)
 
-# Closed before exit: gloo's threads can abort an interpreter that exits with the group open
-# ("terminate called without an active exception", SIGABRT after the work was done).
-torch.distributed.destroy_process_group()
+exit_process(0)  # not a plain exit: gloo's threads can abort it (medgpt/shutdown.py)

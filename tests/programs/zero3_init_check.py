@@ -14,6 +14,7 @@ from medgpt.config import parse_config
 from medgpt.distributed import init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config
 from medgpt.model import build_model, load_model_config
+from medgpt.shutdown import exit_process
 
 
 def gathered(engine: Any) -> dict[str, torch.Tensor]:
@@ -39,6 +40,4 @@ for source in (tiny, saved):  # random init, and pretrained weights loaded under
         assert torch.equal(value, reference[name]), (source, name)
 print("ZERO3-INIT-EQUAL")
 
-# Closed before exit: gloo's threads can abort an interpreter that exits with the group open
-# ("terminate called without an active exception", SIGABRT after the work was done).
-torch.distributed.destroy_process_group()
+exit_process(0)  # not a plain exit: gloo's threads can abort it (medgpt/shutdown.py)
