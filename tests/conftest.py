@@ -69,6 +69,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.fail(item.config.stash[UNGROUPED], pytrace=False)
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """MEDGPT_TEST_TIMES=<file>: each phase's seconds (setup, call, teardown) appended as it ends, from
+    every worker: where a suite's time goes even when a run is cut short (docs/layout.md#tests)."""
+    path = os.environ.get("MEDGPT_TEST_TIMES")
+    if path:
+        with open(path, "a") as out:
+            out.write(f"{report.duration:.2f} {report.when} {report.nodeid} {report.outcome}\n")
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tokenized-data cache for the whole session (tokenize once, like real runs)."""
