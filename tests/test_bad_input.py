@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ORI_JSON, TINY_MODEL, launch, refused, snapshot, tiny_args
+from medgpt.config import build_parser, parse_config
+from medgpt.errors import UserError
+from medgpt.startup import check_inputs
 
 pytestmark = pytest.mark.e2e
 
@@ -73,30 +76,15 @@ CASES = {
     "min_lr_ratio above 1": Case(lambda tmp: {"min_lr_ratio": 2}, (r"min_lr_ratio must be in \[0, 1\]",)),
     "unknown YAML field": Case(lambda tmp: {"config": write(tmp / "run.yaml", "train:\n  micro_batchsize: 2\n")},
                                ("unknown field 'train.micro_batchsize'",)),
-    # Data, model, DeepSpeed config, output_dir and checkpoint: found at start-up, before any write.
-    "missing data file": Case(lambda tmp: {"data": tmp / "nope" / "ori_pqal.json"}, ("is not a readable",)),
-    "malformed JSON": Case(lambda tmp: {"data": write(tmp / "bad.json", '{"1": {"QUESTION": ')}, ("not valid JSON",)),
-    "record without final_decision": Case(lambda tmp: {"data": no_label_file(tmp)},
-                                          ("record 2 has no final_decision",)),
-    "20-record data file": Case(lambda tmp: {"data": first_records(tmp, 20)},
-                                ("the data holds 20 questions, too few for the official split",)),
+    # Start-up problems (data, model, DeepSpeed config, output_dir, checkpoint) as a whole process meets
+    # them: exit 2, every one reported, nothing written. Each check alone: START_UP_CASES below.
     "offline Hub dataset": Case(lambda tmp: {"data": "qiaojin/PubMedQA"},
                                 ("cannot download 'qiaojin/PubMedQA'.*ori_pqal.json",), env={"HF_HUB_OFFLINE": "1"}),
     "offline Hub pqa_artificial": Case(lambda tmp: {"data": "qiaojin/PubMedQA", "subset": "pqa_artificial"},
                                        (r"cannot download 'qiaojin/PubMedQA' \(config pqa_artificial\).*ori_pqal.json",
                                         r"cannot download 'qiaojin/PubMedQA' \(config pqa_labeled\)"),
                                        env={"HF_HUB_OFFLINE": "1"}),
-    "missing ds_config": Case(lambda tmp: {"ds_config": tmp / "absent.json"}, ("DeepSpeed config .* does not exist",)),
-    "ZeRO stage 7": Case(lambda tmp: {"ds_config": ds_config(tmp, STAGE_7)},
-                         ("zero_optimization.stage 7 is not a ZeRO stage; use one of 0, 1, 2, 3",)),
-    "n_embd not divisible by n_head": Case(lambda tmp: {"model": model_config(tmp, n_head=3)},
-                                           ("model n_embd 64 is not divisible by n_head 3",)),
-    "seq_len above n_positions": Case(lambda tmp: {"seq_len": 2048},
-                                      ("seq_len 2048 is longer than the model's n_positions 1024",)),
-    "output_dir is a file": Case(lambda tmp: {"output_dir": a_file(tmp)}, ("output_dir .* is a file, not a folder",)),
-    "output_dir under /proc": Case(lambda tmp: {"output_dir": "/proc/medgpt-bad-input-test/run"},
-                                   ("output_dir '/proc/medgpt-bad-input-test/run' cannot be made",)),
-    "resume from a non-checkpoint": Case(lambda tmp: {"resume": tmp}, ("is not a medgpt checkpoint",)),
+    # Found once the process group exists: the world size and the resolved DeepSpeed config.
     "fp16 on CPU": Case(lambda tmp: {"precision": "fp16"}, ("fp16 needs a GPU",)),
     "inconsistent train_batch_size": Case(
         lambda tmp: {"ds_config": ds_config(tmp, {"train_batch_size": 6})},
@@ -111,6 +99,31 @@ CASES = {
     "ZeRO stage 7, torchrun x2": Case(lambda tmp: {"ds_config": ds_config(tmp, STAGE_7)},
                                       ("zero_optimization.stage 7",), launcher="torchrun"),
     "lr nan, deepspeed x2": Case(lambda tmp: {"lr": "nan"}, ("lr must be a finite number",), launcher="deepspeed"),
+}
+
+
+# Start-up checks (medgpt.startup.check_inputs), one problem each: what they find does not depend on
+# the process that runs them, so they run in this one (a process costs seconds of imports); the
+# process-level contract of the same checks (exit 2, one line each, nothing written) is the
+# "several start-up problems" and "offline Hub" cases above, and the launchers' cases.
+START_UP_CASES = {
+    "missing data file": Case(lambda tmp: {"data": tmp / "nope" / "ori_pqal.json"}, ("is not a readable",)),
+    "malformed JSON": Case(lambda tmp: {"data": write(tmp / "bad.json", '{"1": {"QUESTION": ')}, ("not valid JSON",)),
+    "record without final_decision": Case(lambda tmp: {"data": no_label_file(tmp)},
+                                          ("record 2 has no final_decision",)),
+    "20-record data file": Case(lambda tmp: {"data": first_records(tmp, 20)},
+                                ("the data holds 20 questions, too few for the official split",)),
+    "missing ds_config": Case(lambda tmp: {"ds_config": tmp / "absent.json"}, ("DeepSpeed config .* does not exist",)),
+    "ZeRO stage 7": Case(lambda tmp: {"ds_config": ds_config(tmp, STAGE_7)},
+                         ("zero_optimization.stage 7 is not a ZeRO stage; use one of 0, 1, 2, 3",)),
+    "n_embd not divisible by n_head": Case(lambda tmp: {"model": model_config(tmp, n_head=3)},
+                                           ("model n_embd 64 is not divisible by n_head 3",)),
+    "seq_len above n_positions": Case(lambda tmp: {"seq_len": 2048},
+                                      ("seq_len 2048 is longer than the model's n_positions 1024",)),
+    "output_dir is a file": Case(lambda tmp: {"output_dir": a_file(tmp)}, ("output_dir .* is a file, not a folder",)),
+    "output_dir under /proc": Case(lambda tmp: {"output_dir": "/proc/medgpt-bad-input-test/run"},
+                                   ("output_dir '/proc/medgpt-bad-input-test/run' cannot be made",)),
+    "resume from a non-checkpoint": Case(lambda tmp: {"resume": tmp}, ("is not a medgpt checkpoint",)),
 }
 
 
@@ -137,4 +150,22 @@ def test_bad_input_is_one_error_line_per_problem(tmp_path, data_cache, name):
     assert len(errors) == len(case.errors), proc.stderr[-3000:]  # one line per problem, none printed twice
     for pattern in case.errors:
         assert len([e for e in errors if re.search(pattern, e)]) == 1, (pattern, errors)
+    assert snapshot(output_dir) == before
+
+
+@pytest.mark.parametrize("name", list(START_UP_CASES))
+def test_start_up_check_names_the_problem_and_writes_nothing(tmp_path, data_cache, name, monkeypatch):
+    case = START_UP_CASES[name]
+    flags = {"output_dir": earlier_run(tmp_path), **case.flags(tmp_path)}
+    output_dir = Path(flags.pop("output_dir"))
+    before = snapshot(output_dir)
+    # A lone process's rank variables, set here: check_inputs would otherwise export them into this worker.
+    for variable, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(variable, value)
+    cfg = parse_config(tiny_args(output_dir, data_cache, **flags), build_parser())
+    with pytest.raises(UserError) as err:
+        check_inputs(cfg)
+    assert len(err.value.problems) == len(case.errors), err.value.problems
+    for pattern in case.errors:
+        assert len([e for e in err.value.problems if re.search(pattern, e)]) == 1, (pattern, err.value.problems)
     assert snapshot(output_dir) == before
