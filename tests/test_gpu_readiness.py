@@ -144,6 +144,7 @@ def test_diverging_run_under_the_deepspeed_launcher_exits_3(tmp_path, data_cache
     assert not (out / "export").exists()
 
 
+@pytest.mark.e2e  # a process that imports torch: seconds
 def test_gpu_check_refuses_a_machine_without_a_gpu():
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py")], capture_output=True, text=True,
                           cwd=REPO, timeout=120)

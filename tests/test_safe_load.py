@@ -47,6 +47,7 @@ def crafted_run(tmp: Path, stage: int) -> tuple[Path, Path]:
     return tmp / "run", marker
 
 
+@pytest.mark.e2e  # a process that imports torch: seconds
 def test_the_crafted_file_runs_code_when_unpickled(tmp_path):
     """The payload is live: torch.load without weights_only runs it (so the tests below can fail)."""
     run, marker = crafted_run(tmp_path, 0)
