@@ -154,6 +154,11 @@ def resolve_ds_config(raw: dict[str, Any], cfg: Config, world_size: int, total_s
             zero[key] = value
 
     ds.setdefault("steps_per_print", QUIET_STEPS_PER_PRINT)
+    # DeepSpeed's throughput timer, on by default (deepspeed/utils/config.py, DeepSpeedThroughputTimerConfig),
+    # synchronizes the device when it starts (the forward pre-hook) and stops (engine.step), once per
+    # micro-batch (deepspeed/utils/timer.py:231-256): a host stall each time on a GPU, for a number
+    # medgpt never reads (it times its own steps: medgpt/throughput.py). A user's own setting is kept.
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
     leftover = _autos_left(ds)
     if leftover:
         problems.append(f"ds_config has \"auto\" where medgpt has no value: {', '.join(leftover)}; "

@@ -31,20 +31,31 @@ PROGRAMS = REPO / "tests" / "programs"  # helper programs the tests run in proce
 
 # pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml) runs one group at a time on a worker: a
 # file's tests share its module fixtures, so a file is a group; files that share session runs
-# join one group, and every test that needs root joins one, so one SLURM cluster runs at a time.
+# join one group; the SLURM tests join one, so one SLURM cluster runs at a time.
 SHARED_GROUPS = {"test_checkpoint.py": "checkpoint-runs", "test_checkpoint_integrity.py": "checkpoint-runs"}
+# Each group's seconds in a full run (2 workers, 2 cores; docs/layout.md#tests). Groups start longest
+# first (`--no-loadscope-reorder` keeps this order; xdist's own puts the most *tests* first): the
+# last group to start is a short one, so neither worker idles long at the end. Unlisted: last.
+GROUP_SECONDS: dict[str, float] = {}
+
+
+def xdist_group(item: pytest.Item) -> str:
+    if item.get_closest_marker("slurm"):
+        return "slurm"
+    if item.get_closest_marker("netns"):
+        return "netns"
+    return SHARED_GROUPS.get(item.path.name, item.path.name)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection (_pytest/mark/__init__.py)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A SLURM or network-namespace test starts real jobs: it is an e2e test too, so that
-    `-m "not e2e"` leaves it out. Each test gets its xdist group."""
+    `-m "not e2e"` leaves it out. Each test gets its xdist group; groups run longest first."""
     for item in items:
-        root = item.get_closest_marker("slurm") or item.get_closest_marker("netns")
-        if root:
+        if item.get_closest_marker("slurm") or item.get_closest_marker("netns"):
             item.add_marker(pytest.mark.e2e)
-        group = "needs-root" if root else SHARED_GROUPS.get(item.path.name, item.path.name)
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+    items.sort(key=lambda item: -GROUP_SECONDS.get(xdist_group(item), 0.0))  # stable: a group's order kept
 
 
 UNGROUPED = pytest.StashKey[str]()

@@ -67,6 +67,14 @@ def test_every_shipped_ds_config_resolves():
         assert ds["bf16"]["enabled"] is True
 
 
+def test_throughput_timer_is_off_unless_the_json_turns_it_on():
+    """DeepSpeed's throughput timer syncs the device twice per micro-batch (medgpt/ds_config.py)."""
+    raw = load_ds_config(str(REPO / "ds_configs" / "zero1.json"))
+    assert resolve(raw)["timers"] == {"throughput": {"enabled": False}}
+    mine = {**raw, "timers": {"throughput": {"enabled": True, "synchronized": False}}}
+    assert resolve(mine)["timers"] == {"throughput": {"enabled": True, "synchronized": False}}
+
+
 def test_disagreeing_values_name_both_sides():
     with pytest.raises(UserError) as err:
         resolve({"train_batch_size": 16, "gradient_clipping": 2.0}, micro_batch_size=2, grad_accum=2, grad_clip=1.0)
