@@ -36,7 +36,12 @@ SHARED_GROUPS = {"test_checkpoint.py": "checkpoint-runs", "test_checkpoint_integ
 # Each group's seconds in a full run (2 workers, 2 cores; docs/layout.md#tests). Groups start longest
 # first (`--no-loadscope-reorder` keeps this order; xdist's own puts the most *tests* first): the
 # last group to start is a short one, so neither worker idles long at the end. Unlisted: last.
-GROUP_SECONDS: dict[str, float] = {}
+GROUP_SECONDS: dict[str, float] = {
+    "slurm": 900, "test_docs.py": 650, "checkpoint-runs": 600, "test_signals.py": 500, "test_evaluate.py": 400,
+    "test_sweep.py": 400, "test_lora.py": 350, "test_best.py": 300, "test_train.py": 300, "test_scale.py": 250,
+    "netns": 200, "test_gpu_readiness.py": 200, "test_packing.py": 150, "test_pqa_artificial.py": 150,
+    "test_bad_input.py": 120, "test_report.py": 100, "test_tracking.py": 100, "test_throughput.py": 80,
+}
 
 
 def xdist_group(item: pytest.Item) -> str:
