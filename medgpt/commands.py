@@ -4,6 +4,7 @@ prepare_data.py take medgpt.config's. Light on purpose (no torch): ``--help`` an
 answered before a launcher loads the heavy modules that do the work."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,10 +120,14 @@ class PlanRequest(Request):
                     for name in ("gpus", "nodes", "micro_batch_size", "seq_len", "label_tokens")
                     if getattr(self, name) < 1]
         problems += lora_problems(ModelConfig(lora_r=self.lora_r, lora_targets=self.lora_targets), {})
-        if not 0 <= self.reserve < self.gpu_mem:
+        if not 0 < self.gpu_mem < math.inf:
+            problems.append(f"--gpu_mem must be a finite number of GiB > 0 (got {self.gpu_mem})")
+        elif not 0 <= self.reserve < self.gpu_mem:  # only against a valid --gpu_mem: blame the flag that is wrong
             problems.append(f"--reserve must be >= 0 and below --gpu_mem {self.gpu_mem} (got {self.reserve})")
-        if self.cpu_mem is not None and self.cpu_mem <= 0:
-            problems.append(f"--cpu_mem must be > 0 GiB (got {self.cpu_mem})")
+        if self.cpu_mem is not None and not 0 < self.cpu_mem < math.inf:
+            problems.append(f"--cpu_mem must be a finite number of GiB > 0 (got {self.cpu_mem})")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"--dropout must be in [0, 1) (got {self.dropout})")
         return problems
 
 

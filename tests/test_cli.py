@@ -136,3 +136,16 @@ def test_help_answers_without_importing_torch(name):
     usage, *_, result = proc.stdout.splitlines()
     assert usage.startswith(f"usage: {name}.py "), usage  # its own name (prepare_data.py once said train.py)
     assert json.loads(result) == {"heavy": []}
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--gpu_mem=-5"], "--gpu_mem must be a finite number of GiB > 0 (got -5.0)"),  # not --reserve's fault
+    (["--gpu_mem", "inf"], "--gpu_mem must be a finite number of GiB > 0 (got inf)"),
+    (["--gpu_mem", "8", "--reserve", "8"], "--reserve must be >= 0 and below --gpu_mem 8.0 (got 8.0)"),
+    (["--cpu_mem", "nan"], "--cpu_mem must be a finite number of GiB > 0 (got nan)"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1) (got 1.5)"),
+])
+def test_plan_memory_and_dropout_values_are_checked(flags, problem):
+    with pytest.raises(UserError) as err:
+        parse_request(PlanRequest, launcher("plan").parser(), ["--model", "gpt2", *flags])
+    assert err.value.problems == [problem]
