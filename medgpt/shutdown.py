@@ -16,7 +16,7 @@ exit -6 after the work was done (pytorch/pytorch#179291 describes it for gloo; c
 
 So exit_process closes the process groups (NCCL's communicators are finalized here) and, where
 torch.distributed's threads run, does the part of teardown that matters to a user, in order, while the
-interpreter is whole: non-daemon threads finish, the atexit handlers run (medgpt's /dev/shm cleanup,
+interpreter is whole: the atexit handlers run (medgpt's /dev/shm cleanup,
 logging's flush, multiprocessing's children), stdout and stderr are flushed; then os._exit, which runs
 no C++ static destructor and hands no GIL to any thread. A process without those threads (--help, bad
 input, plan, report, export) exits the ordinary way, so `python -m cProfile` and the like still see its
@@ -29,7 +29,6 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import NoReturn
 
@@ -59,9 +58,8 @@ def teardown_is_safe() -> bool:
 
 
 def _finish_python() -> None:
-    for thread in threading.enumerate():  # what interpreter teardown does first (threading._shutdown)
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # Threads are not joined: a worker pool (torch.compile's) ends only through threading's own
+    # exit hooks, which a plain join before them would wait for forever (a --compile run hung so).
     atexit._run_exitfuncs()  # the handlers, once each (CPython clears them after running them)
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
