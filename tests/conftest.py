@@ -33,14 +33,17 @@ PROGRAMS = REPO / "tests" / "programs"  # helper programs the tests run in proce
 # file's tests share its module fixtures, so a file is a group; files that share session runs
 # join one group; the SLURM tests join one, so one SLURM cluster runs at a time.
 SHARED_GROUPS = {"test_checkpoint.py": "checkpoint-runs", "test_checkpoint_integrity.py": "checkpoint-runs"}
-# Each group's seconds in a full run (2 workers, 2 cores; docs/layout.md#tests). Groups start longest
-# first (`--no-loadscope-reorder` keeps this order; xdist's own puts the most *tests* first): the
-# last group to start is a short one, so neither worker idles long at the end. Unlisted: last.
+# Each group's worker seconds in a full run (a fresh clone, 2 workers on 2 cores, AMD EPYC,
+# 2026-12-03, from MEDGPT_TEST_TIMES; test_scale.py without a 617 s hang fixed since). Groups start
+# longest first (`--no-loadscope-reorder` keeps this order; xdist's own puts the most *tests*
+# first): the last group to start is a short one, so neither worker idles long at the end.
+# Unlisted groups (seconds or less): last.
 GROUP_SECONDS: dict[str, float] = {
-    "slurm": 900, "test_docs.py": 650, "checkpoint-runs": 600, "test_signals.py": 500, "test_evaluate.py": 400,
-    "test_sweep.py": 400, "test_lora.py": 350, "test_best.py": 300, "test_train.py": 300, "test_scale.py": 250,
-    "netns": 200, "test_gpu_readiness.py": 200, "test_packing.py": 150, "test_pqa_artificial.py": 150,
-    "test_bad_input.py": 120, "test_report.py": 100, "test_tracking.py": 100, "test_throughput.py": 80,
+    "checkpoint-runs": 849, "test_signals.py": 539, "slurm": 462, "test_gpu_readiness.py": 358,
+    "test_docs.py": 352, "test_scale.py": 327, "test_train.py": 254, "test_evaluate.py": 220, "test_best.py": 163,
+    "test_lora.py": 110, "test_sweep.py": 109, "test_bench.py": 104, "test_bad_input.py": 103, "test_report.py": 57,
+    "test_pqa_artificial.py": 55, "test_packing.py": 51, "netns": 44, "test_safe_load.py": 23,
+    "test_throughput.py": 20, "test_plan.py": 17,
 }
 
 
@@ -86,12 +89,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """MEDGPT_TEST_TIMES=<file>: each phase's seconds (setup, call, teardown) appended as it ends, from
-    every worker: where a suite's time goes even when a run is cut short (docs/layout.md#tests)."""
+    """MEDGPT_TEST_TIMES=<file>: each phase's seconds (setup, call, teardown) appended as it ends, by
+    the process that ran it: where a suite's time goes even when a run is cut short. One line each:
+    seconds, phase, outcome, then the test id (last: ids hold spaces)."""
     path = os.environ.get("MEDGPT_TEST_TIMES")
-    if path:
+    if path and getattr(report, "node", None) is None:  # xdist's controller gets a worker's report with .node
         with open(path, "a") as out:
-            out.write(f"{report.duration:.2f} {report.when} {report.nodeid} {report.outcome}\n")
+            out.write(f"{report.duration:.2f} {report.when} {report.outcome} {report.nodeid}\n")
 
 
 @pytest.fixture(scope="session")
