@@ -104,6 +104,10 @@ class CheckpointMeta:
     optimizer: str = ""  # "": a checkpoint from before it was recorded
     world_size: int = 1
     train_state: TrainState = field(default_factory=TrainState)
+    # What the run trains on and towards (medgpt.resume_settings.run_definition); {}: not recorded.
+    definition: dict[str, Any] = field(default_factory=dict)
+    # Settings changed on resume, oldest first: {"step": first step with the new value, "name", "was", "now"}.
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +118,11 @@ class CheckpointMeta:
         return cls(config=Config.from_dict(saved["config"]), train_state=TrainState(**saved["train_state"]),
                    model_shape=ModelShape.from_dict(saved["model_shape"]),
                    **{k: v for k, v in saved.items() if k in known})
+
+
+def describe_history(history: list[dict[str, Any]]) -> list[str]:
+    """One line per change: "step 12: lr 0.001 -> 0.0005"."""
+    return [f"step {c['step']}: {c['name']} {c['was']} -> {c['now']}" for c in history]
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:

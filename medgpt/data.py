@@ -64,10 +64,18 @@ def records_digest(records: list[Record]) -> str:
     return digest.hexdigest()
 
 
+def _vocabulary(tokenizer: PreTrainedTokenizerBase) -> str | list[tuple[str, int]]:
+    """What the token ids of a text depend on: the fast tokenizer's whole definition, else its vocabulary."""
+    return tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else sorted(tokenizer.get_vocab().items())
+
+
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    return hashlib.blake2b(str(_vocabulary(tokenizer)).encode()).hexdigest()
+
+
 def cache_key(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> str:
     """Everything the tokenized data depends on, and nothing else."""
-    vocab = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else sorted(tokenizer.get_vocab().items())
-    return Hasher.hash([PROMPT_FORMAT_VERSION, CACHE_VERSION, records_digest(records), vocab,
+    return Hasher.hash([PROMPT_FORMAT_VERSION, CACHE_VERSION, records_digest(records), _vocabulary(tokenizer),
                         tokenizer.eos_token_id, cfg.seq_len, cfg.long_answer])
 
 

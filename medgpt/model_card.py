@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCardData
 
-from medgpt.checkpoint import CheckpointMeta
+from medgpt.checkpoint import CheckpointMeta, describe_history
 from medgpt.config import HUB_DATASET
 from medgpt.metrics import score_line
 from medgpt.prompt import PROMPT_FORMAT_VERSION, answer_text, context_text, question_text
@@ -91,8 +91,11 @@ def _training_section(meta: CheckpointMeta, facts: dict[str, Any]) -> str:
             ("precision, ZeRO", f"{cfg.train.precision}, ZeRO-{meta.zero_stage} on {meta.world_size} rank(s)"),
             ("seq_len", str(facts["seq_len"]))]
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
-    return (f"## Training\n\n| | |\n| --- | --- |\n{table}\n\nThe whole medgpt configuration:\n\n"
-            f"```yaml\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}```\n")
+    changed = "".join(f"- {line}\n" for line in describe_history(meta.history))
+    history = (f"\nSettings changed when the run resumed (the value before the arrow trained the steps "
+               f"before):\n\n{changed}" if changed else "")
+    return (f"## Training\n\n| | |\n| --- | --- |\n{table}\n\nThe whole medgpt configuration (the last "
+            f"values):\n\n```yaml\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}```\n{history}")
 
 
 def _results_section(test: dict[str, Any] | None) -> str:

@@ -2,14 +2,16 @@
 
 Every rule about continuing a run lives here and answers with a :class:`ResumePlan`; the config
 stays as the user gave it (the saved ``config.yaml`` is what they asked for), and the plan says
-what differs: the accumulation that keeps the checkpoint's global batch on this world size.
+what differs: the accumulation that keeps the checkpoint's global batch on this world size, and the
+settings changed since the checkpoint (medgpt.resume_settings: which may change at all).
 (Whether a tag loads through DeepSpeed's universal format is decided per tag, at load:
 medgpt.checkpoint.load_checkpoint.)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from transformers import PretrainedConfig
 
@@ -25,6 +27,7 @@ from medgpt.checkpoint import (
 from medgpt.config import Config, DataConfig, TrainConfig
 from medgpt.errors import UserError, check_all
 from medgpt.lora import check_same_lora
+from medgpt.resume_settings import SettingChange, definition_problems, fixed_problems, setting_changes
 
 # What a run does after its last step, in order, and the files each part leaves in output_dir.
 END_PARTS = {"test": ("test_metrics.json", "test_predictions.json"), "export": ("export",)}
@@ -35,6 +38,12 @@ class ResumePlan:
     checkpoint: Path | None  # the tag folder to load; None: a fresh start
     meta: CheckpointMeta | None
     grad_accum: int  # cfg's, or what keeps the checkpoint's global batch on this world size
+    changes: list[SettingChange] = field(default_factory=list)  # settings changed since the checkpoint
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every change of a setting on resume, the checkpoint's and this run's, oldest first."""
+        return [*(self.meta.history if self.meta else []), *(c.to_dict() for c in self.changes)]
 
     @property
     def step(self) -> int:
@@ -77,21 +86,33 @@ def check_fresh_start(t: TrainConfig) -> None:
                         "them; use --resume auto to continue, or another --output_dir")
 
 
-def plan_resume(cfg: Config, checkpoint: Path | None, model_config: PretrainedConfig, world_size: int,
-                report: bool) -> ResumePlan:
+def _check_settings(meta: CheckpointMeta, cfg: Config, definition: dict[str, Any], tag_dir: Path) -> None:
+    problems = definition_problems(meta.definition, definition, tag_dir) + fixed_problems(meta.config, cfg, tag_dir)
+    if problems:
+        raise UserError(*problems)
+
+
+def plan_resume(cfg: Config, checkpoint: Path | None, model_config: PretrainedConfig, definition: dict[str, Any],
+                world_size: int, report: bool) -> ResumePlan:
     """The plan for this run, refusing (all problems at once) a checkpoint it cannot continue.
-    ``report``: say what differs from the config (rank 0)."""
+    ``definition``: this run's (medgpt.resume_settings.run_definition). ``report``: say what differs
+    from the config (rank 0)."""
     if checkpoint is None:
         return ResumePlan(None, None, cfg.train.grad_accum)
     meta = read_meta(checkpoint)
-    _, _, _, accum = check_all(lambda: check_same_model(meta, model_config, checkpoint),
-                               lambda: check_same_lora(meta, cfg.model, checkpoint),
-                               lambda: _check_same_packing(meta, cfg.data, checkpoint),
-                            lambda: _accumulation_for(meta, cfg.train.micro_batch_size, world_size))
+    *_, accum = check_all(lambda: check_same_model(meta, model_config, checkpoint),
+                          lambda: check_same_lora(meta, cfg.model, checkpoint),
+                          lambda: _check_same_packing(meta, cfg.data, checkpoint),
+                          lambda: _check_settings(meta, cfg, definition, checkpoint),
+                          lambda: _accumulation_for(meta, cfg.train.micro_batch_size, world_size))
+    changes = setting_changes(meta.config, cfg, meta.train_state.step)
     if report and accum != cfg.train.grad_accum:
         print(f"medgpt: grad_accum {cfg.train.grad_accum} -> {accum} keeps the checkpoint's global batch "
               f"{meta.global_batch} on {world_size} rank(s)", flush=True)
-    return ResumePlan(checkpoint, meta, accum)
+    if report and changes:
+        print(f"medgpt: changed since the checkpoint, used from step {meta.train_state.step + 1}: "
+              f"{', '.join(map(str, changes))}", flush=True)
+    return ResumePlan(checkpoint, meta, accum, changes)
 
 
 def _accumulation_for(meta: CheckpointMeta, micro_batch_size: int, world_size: int) -> int:
@@ -113,7 +134,7 @@ def _check_same_packing(meta: CheckpointMeta, data: DataConfig, tag_dir: Path) -
         raise UserError(f"checkpoint '{tag_dir}' was trained with --packing {on_off[was.packing]}, this run asks "
                         f"for --packing {on_off[data.packing]}; its position in the epoch only holds with the same "
                         f"setting: resume with --packing {on_off[was.packing]}, or start fresh in another --output_dir")
-    if data.packing and was.seq_len != data.seq_len:
+    if data.packing and was.seq_len != data.seq_len and not meta.definition:  # else: a defining setting
         raise UserError(f"checkpoint '{tag_dir}' packed its samples into rows of seq_len {was.seq_len}, this run "
                         f"asks for {data.seq_len}; its position in the epoch only holds for the same packs: resume "
                         "with the same --seq_len, or start fresh in another --output_dir")

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from medgpt.config import HISTORY_KEY
 from medgpt.errors import UserError
 from medgpt.run_setting import flat_config, setting_id, setting_of
 
@@ -84,6 +85,8 @@ def read_run(path: Path, folder: Path) -> Run:
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"cannot read '{path / 'config.yaml'}' ({type(err).__name__}); a run's config.yaml "
                         "is the one medgpt wrote") from None
+    if isinstance(config, dict):
+        config.pop(HISTORY_KEY, None)  # settings changed on resume: the sections hold the current ones
     if not isinstance(config, dict) or not all(isinstance(s, dict) for s in config.values()):
         raise UserError(f"'{path / 'config.yaml'}' is not a medgpt config (sections of fields)")
     ds_config = path / "ds_config.json"

@@ -23,7 +23,7 @@ from medgpt.checkpoint import (
     universal_dir,
 )
 from medgpt.compilation import compile_engine
-from medgpt.config import Config
+from medgpt.config import HISTORY_KEY, Config
 from medgpt.data import ResumableDistributedSampler, eval_loader, sample_lengths, train_loader, training_data
 from medgpt.distributed import Dist, adopt_launcher_env
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
@@ -37,6 +37,7 @@ from medgpt.op_builds import announce_builds, optimizer_builders
 from medgpt.outputs import check_output_dir
 from medgpt.pubmedqa import Record, Split, load_data
 from medgpt.resume import ResumePlan, check_fresh_start
+from medgpt.resume_settings import apply_optimizer_settings, run_definition
 from medgpt.safe_load import check_checkpoint_files
 from medgpt.throughput import device_peak, use_tf32
 
@@ -50,6 +51,7 @@ class Inputs:
     model_config: PretrainedConfig
     tokenizer: PreTrainedTokenizerBase
     checkpoint: Path | None  # the verified tag folder --resume names; None: a fresh start
+    definition: dict[str, Any]  # what the run trains on and towards (medgpt.resume_settings)
 
 
 def check_inputs(cfg: Config) -> Inputs:
@@ -66,7 +68,8 @@ def check_inputs(cfg: Config) -> Inputs:
         lambda: check_output_dir(t.output_dir, "output_dir"), lambda: check_fresh_start(t))
     if checkpoint:  # needs find_checkpoint's answer
         check_checkpoint_files(checkpoint, universal_dir(checkpoint))
-    return Inputs(raw_ds_config, records, split, model_config, tokenizer, checkpoint)
+    return Inputs(raw_ds_config, records, split, model_config, tokenizer, checkpoint,
+                  run_definition(cfg, records, tokenizer))
 
 
 @dataclass
@@ -153,19 +156,24 @@ def build_engine(cfg: Config, inputs: Inputs, plan: ResumePlan, ds_config: dict[
     state = TrainState()
     if plan.checkpoint:
         state = load_checkpoint(engine, plan.checkpoint, dist)
+        if plan.changes:  # unchanged: the restored values stand, so the resume stays bit-exact
+            apply_optimizer_settings(engine, ds_config["optimizer"]["params"])
     meta = CheckpointMeta(config=cfg, model_config=model_config.to_dict(),
                           model_shape=ModelShape.from_config(model_config),
                           global_batch=t.micro_batch_size * plan.grad_accum * dist.world_size,
-                          zero_stage=zero_stage(ds_config), optimizer=type(engine.optimizer).__name__)
+                          zero_stage=zero_stage(ds_config), optimizer=type(engine.optimizer).__name__,
+                          definition=inputs.definition, history=plan.history)
     save = functools.partial(save_checkpoint, engine, t.output_dir, state, meta, inputs.tokenizer, dist, t.keep_last)
     return Engine(engine, state, meta, hf_deepspeed_config, save)
 
 
-def write_run_files(output_dir: Path, cfg: Config, ds_config: dict[str, Any]) -> None:
+def write_run_files(output_dir: Path, cfg: Config, ds_config: dict[str, Any], history: list[dict[str, Any]]) -> None:
     """The first write to output_dir (rank 0): a model or engine that fails to build leaves the
-    folder as it was."""
+    folder as it was. config.yaml ends with the settings changed on resume (read back as --config,
+    that part is ignored)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    recorded = {**cfg.to_dict(), **({HISTORY_KEY: history} if history else {})}
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False))
     (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 
 

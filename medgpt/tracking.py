@@ -81,6 +81,10 @@ class TensorBoardSink:
             self.writer.add_scalar(tag, value, global_step=step)
         self.writer.flush()
 
+    def note(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, global_step=step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -173,6 +177,11 @@ class MetricsLogger:
     def log(self, step: int, scalars: dict[str, float]) -> None:
         for sink in self.sinks:
             sink.log(step, scalars)
+
+    def note(self, tag: str, text: str, step: int) -> None:
+        """A text at a step, in TensorBoard (the config's text is there too; MLflow and W&B get the
+        changed config itself)."""
+        self.sinks[0].note(tag, text, step)
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from medgpt.checkpoint import TrainState, load_checkpoint, mark_finished
+from medgpt.checkpoint import TrainState, describe_history, load_checkpoint, mark_finished
 from medgpt.config import Config, TrainConfig
 from medgpt.data import to_device
 from medgpt.distributed import Dist, exit_on_collective_timeout, init_distributed
@@ -274,7 +274,8 @@ def train(cfg: Config) -> None:
     inputs = check_inputs(cfg)
     # Only valid input joins the process group (which also leaves DeepSpeed's buffers in /dev/shm).
     dist = init_distributed(t.device, collective_timeout=t.collective_timeout)
-    plan = plan_resume(cfg, inputs.checkpoint, inputs.model_config, dist.world_size, report=dist.is_main)
+    plan = plan_resume(cfg, inputs.checkpoint, inputs.model_config, inputs.definition, dist.world_size,
+                       report=dist.is_main)
     data = build_data(cfg, inputs, plan, dist)
     ds_config = resolve_run_ds_config(cfg, inputs, plan, data, dist)
     output_dir = Path(t.output_dir)
@@ -286,10 +287,12 @@ def train(cfg: Config) -> None:
     run = build_engine(cfg, inputs, plan, ds_config, data.total_steps, dist)
     engine, state = run.engine, run.state
     if dist.is_main:
-        write_run_files(output_dir, cfg, ds_config)
+        write_run_files(output_dir, cfg, ds_config, plan.history)
     peak_total = peak_tflops_total(cfg, dist)
     # Drops events an earlier run logged after this checkpoint (or, on a fresh start, before its first one).
     logger = MetricsLogger(cfg, data.global_batch, purge_step=state.step + 1) if dist.is_main else None
+    if logger and plan.changes:
+        logger.note("resume/changed_settings", "\n\n".join(describe_history(plan.history)), state.step + 1)
     window, skips, last_checkpoint = ThroughputWindow(), SkipCount(), plan.checkpoint
     exit_on_collective_timeout(dist, t.collective_timeout, lambda: state.step)
     batches = _step_batches(data, state, plan.grad_accum)

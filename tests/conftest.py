@@ -265,6 +265,16 @@ def read_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def tensorboard_text(output_dir: Path, tag: str) -> str:
+    """The texts a run logged under ``tag``, joined, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(output_dir / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    return "\n".join(value.decode() for event in acc.Tensors(f"{tag}/text_summary")
+                     for value in event.tensor_proto.string_val)
+
+
 def session_groups(logdir: Path) -> dict[str, tuple[dict, dict[str, dict[str, float]]]]:
     """What TensorBoard's HParams view lists: group -> (its hparams, {session: last metric values}), read
     by the plugin's own handler."""

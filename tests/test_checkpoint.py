@@ -20,9 +20,12 @@ from conftest import (
     launch,
     launch_command,
     losses,
+    read_scalars,
     refused,
     running,
+    snapshot,
     stopped_at,
+    tensorboard_text,
     tiny_args,
     wait_for_first_step,
 )
@@ -50,6 +53,43 @@ def test_resume_mid_epoch_is_bit_exact(runs, tmp_path, data_cache, stage, stop, 
     meta = json.loads((resumed / "checkpoints" / "step8" / "medgpt.json").read_text())
     assert meta["train_state"] == {"step": 8, "epoch": 0, "consumed": 64,  # mid-epoch: 450 questions
                                    "best_score": None, "best_step": 0, "evals_since_best": 0}
+
+
+def test_a_changed_lr_on_resume_is_used_from_the_next_step_and_recorded(runs, tmp_path, data_cache):
+    """Before: the checkpoint's optimizer and schedule state brought the old peak lr back, while
+    config.yaml, medgpt.json and the model card said the new one."""
+    reference = runs(0)
+    resumed = stopped_at(reference, tmp_path / "resumed", 4)
+    proc = launch(ckpt_args(resumed, data_cache, 0, lr=5e-4), launcher="torchrun", nproc=2)
+    check_ok(proc)
+    assert "changed since the checkpoint, used from step 5: lr 0.001 -> 0.0005" in proc.stdout, proc.stdout[-3000:]
+    lr, want_lr = dict(read_scalars(resumed)["train/lr"]), dict(read_scalars(reference)["train/lr"])
+    for step in range(5, STEPS + 1):  # the same warmup and cosine shape, at half the peak
+        assert lr[step] == pytest.approx(want_lr[step] / 2, rel=1e-6), (step, lr, want_lr)
+    got, want = dict(losses(resumed)), dict(losses(reference))
+    assert got[5] == want[5]  # step 5's loss is of step 4's weights; its update is the first at the new lr
+    assert all(abs(got[step] - want[step]) > 1e-5 for step in range(6, STEPS + 1)), (got, want)
+    change = {"step": 5, "name": "lr", "was": 0.001, "now": 0.0005}
+    meta = json.loads((resumed / "checkpoints" / "step8" / "medgpt.json").read_text())
+    assert change in meta["history"] and meta["config"]["optim"]["lr"] == 0.0005
+    assert change in yaml.safe_load((resumed / "config.yaml").read_text())["history"]
+    assert "- step 5: lr 0.001 -> 0.0005" in (resumed / "export" / "README.md").read_text()
+    assert "step 5: lr 0.001 -> 0.0005" in tensorboard_text(resumed, "resume/changed_settings")
+
+
+def test_rerun_of_another_run_in_the_same_folder_is_refused(runs, data_cache):
+    """A finished run asked again with another fold, seed and seq_len, and in another precision:
+    before, it said "nothing to do" and left the first run's test scores as if they were this one's."""
+    run = runs(0)
+    before = snapshot(run)
+    errors = refused(launch(ckpt_args(run, data_cache, 0, fold=3, seed=7, seq_len=256, precision="bf16")))
+    assert len(errors) == 2, errors
+    assert "belongs to another run" in errors[0] and "another --output_dir" in errors[0]
+    for part in ("--fold: checkpoint 0, this run 3", "--seed: checkpoint 42, this run 7",
+                 "--seq_len: checkpoint 384, this run 256"):
+        assert part in errors[0], errors[0]
+    assert "trained in fp32, this run asks for bf16" in errors[1]
+    assert snapshot(run) == before
 
 
 @pytest.mark.parametrize("saved_ranks, resumed_ranks", [(2, 1), (1, 2)])
