@@ -14,7 +14,7 @@ import sys
 
 from medgpt.cli import parse_request, request_parser
 from medgpt.errors import CliParser, UserError, check_all, run_cli
-from medgpt.sweep import check_slurm, run_local, submit_slurm
+from medgpt.sweep import check_no_run_in_progress, check_slurm, run_local, submit_slurm
 from medgpt.sweep_plan import SweepRequest, plan_sweep, write_sweep
 
 
@@ -36,6 +36,7 @@ def parse(argv: list[str]) -> tuple[SweepRequest, list[str]]:
 def main(argv: list[str]) -> None:
     request, train_args = parse(argv)
     sweep, _ = check_all(lambda: plan_sweep(request, train_args), lambda: request.slurm and check_slurm())
+    check_no_run_in_progress(sweep)
     write_sweep(sweep)
     if request.slurm:
         submit_slurm(sweep, request)

@@ -7,7 +7,10 @@ and starts the others with ``--resume auto``: an interrupted run resumes from it
 one that had trained all its steps completes only what its end left undone (test scoring, export).
 A failed run does not stop the sweep: the runs are independent, and a night's sweep should not
 wait on one bad fold. SIGINT/SIGTERM/SIGUSR1 to the sweep go to the running run (its ranks save
-and exit 75) and the sweep starts no more runs.
+and exit 75) and the sweep starts no more runs. A run is a child that dies with the sweep: if the
+sweep is killed (even SIGKILL), its running run gets SIGTERM (Linux's parent-death signal), saves
+and stops, so a rerun never meets a run of the old sweep still training; and a rerun refuses to
+start while any of its runs' folders is locked by a running run (medgpt.run_lock).
 
 On SLURM the runs are one job array, one task a run, each a normal job of slurm/train.sbatch or
 train_deepspeed.sbatch that finds its run's flags through MEDGPT_SWEEP (slurm/common.sh), with the
@@ -16,6 +19,7 @@ report job follows with ``--dependency=afterok``.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shlex
@@ -28,6 +32,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from medgpt.errors import PREEMPTED_EXIT, UserError
+from medgpt.run_lock import lock_holder
 from medgpt.sweep_plan import Run, Sweep, SweepRequest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,6 +120,27 @@ def wait_for_group(pgid: int, timeout: float = GROUP_EXIT_TIMEOUT) -> None:
               flush=True)
 
 
+def check_no_run_in_progress(sweep: Sweep) -> None:
+    """Refuse to start while a run of this sweep is still training (an earlier sweep's, or one
+    started by hand): two writers would share its folder."""
+    held = [(run, holder) for run in sweep.runs if (holder := lock_holder(run.output_dir))]
+    if held:
+        raise UserError(*[f"run {run.name} is still running ({holder}) in {run.output_dir}; wait for it to end "
+                          "(or stop it), then run the sweep again" for run, holder in held])
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_the_sweep() -> None:
+    """In a run's process, before it execs its launcher: SIGTERM when the sweep ends, however it ends
+    (the launcher passes it to the ranks, which save and exit 75)."""
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the sweep died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def status_file(sweep: Sweep, run: Run) -> Path:
     return Path(sweep.sweep_dir) / "status" / f"{run.name}.json"
 
@@ -141,7 +167,7 @@ def run_one(sweep: Sweep, run: Run, command: list[str], stop: StopForwarder) -> 
         out.write(f"=== medgpt sweep, {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command + run.args)}\n")
         out.flush()
         proc = subprocess.Popen(command + run.args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_the_sweep)
     code = stop.wait(proc)
     record = status_file(sweep, run)
     record.parent.mkdir(exist_ok=True)

@@ -31,6 +31,7 @@ from medgpt.metrics import score_line
 from medgpt.preemption import PREEMPTED_EXIT, StopRequest, watch_deepspeed_launcher
 from medgpt.pubmedqa import Record
 from medgpt.resume import ResumePlan, best_checkpoint, plan_resume
+from medgpt.run_lock import lock_output_dir
 from medgpt.scoring import evaluate_records, metric_scalars, write_results
 from medgpt.startup import (
     Data,
@@ -280,6 +281,8 @@ def train(cfg: Config) -> None:
     ds_config = resolve_run_ds_config(cfg, inputs, plan, data, dist)
     output_dir = Path(t.output_dir)
     end_parts = plan.end_parts(t, data.total_steps, report=dist.is_main)
+    if dist.is_main:  # before the run's first write there: one run writes to an output_dir at a time
+        lock_output_dir(output_dir)
     if "test" not in end_parts:  # a finished run: its export needs only the checkpoint's files, not an engine
         if end_parts:
             _export_final(plan.final_checkpoint(t), output_dir, dist)

@@ -4,8 +4,10 @@ task preempted and requeued, then the report job."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,9 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, launch_env, read_scalars, refused, tiny_args
+from conftest import REPO, alive, launch_env, read_scalars, refused, run_pids, tiny_args
 from medgpt.config import parse_config
 from medgpt.errors import PREEMPTED_EXIT, UserError
+from medgpt.run_lock import lock_holder
 from medgpt.sweep_plan import SweepRequest, plan_sweep, write_sweep
 from test_slurm import job_info, release_now, slurm_env, wait_until  # noqa: F401 (slurm_env: a fixture)
 
@@ -198,6 +201,37 @@ def test_a_failed_run_does_not_stop_the_sweep(tmp_path, data_cache):
         assert f"sweep: FAILED {name} (exit 2): see {tmp_path / 's' / 'logs' / name}.log" in proc.stdout
         assert json.loads((tmp_path / "s" / "status" / f"{name}.json").read_text())["exit_code"] == 2
     assert "sweep: 0 of 2 runs finished" in proc.stdout
+
+
+@pytest.mark.e2e
+def test_a_killed_sweeps_run_stops_and_no_rerun_starts_while_it_runs(tmp_path, data_cache):
+    """Before: after kill -9 of the sweep its run trained on, orphaned, and a rerun started a second
+    run in the same folder (every log line doubled)."""
+    out, train = tmp_path / "s", train_flags(data_cache, max_steps=1000)
+    command = [sys.executable, SWEEP_PY, str(out), "--folds", "0", "--seeds", "1", "--launcher", "python", "--", *train]
+    run_dir = out / "runs" / "fold0_seed1"
+    with open(tmp_path / "sweep.log", "w") as log:
+        first = subprocess.Popen(command, cwd=REPO, env=launch_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while not list((run_dir / "tensorboard").glob("events*")):
+            assert first.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+            time.sleep(0.2)
+        (rank,) = run_pids(run_dir)
+        rerun = subprocess.run(command, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=120)
+        assert refused(rerun) == [f"run fold0_seed1 is still running (pid {rank} on {socket.gethostname()}) in "
+                                  f"{run_dir}; wait for it to end (or stop it), then run the sweep again"]
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        deadline = time.monotonic() + 60  # the run's stop: its step and a checkpoint (stop_timeout 25 s)
+        while alive(run_pids(run_dir)) or lock_holder(run_dir):  # an exiting process closes its files last
+            assert time.monotonic() < deadline, f"the killed sweep's run still runs: {alive(run_pids(run_dir))}"
+            time.sleep(0.2)
+    finally:
+        first.kill()
+        for pid in alive(run_pids(run_dir)):
+            os.kill(pid, signal.SIGKILL)
+    assert re.search(r"stop requested \(SIGTERM\): saved step \d+, exiting with 75",
+                     (out / "logs" / "fold0_seed1.log").read_text())
 
 
 # --- On SLURM: a job array, one task preempted and requeued, then the report job.
