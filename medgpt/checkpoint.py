@@ -337,8 +337,10 @@ def read_meta(tag_dir: Path) -> CheckpointMeta:
     try:
         return CheckpointMeta.from_dict(json.loads((tag_dir / META_FILE).read_text()))
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UserError(f"checkpoint '{tag_dir}' is incomplete or damaged ({err}); resume from "
-                        "another one or start with --resume none") from None
+        # Said for every program that reads it (train, export): no flag of only one of them.
+        raise UserError(f"checkpoint '{tag_dir}' is incomplete or damaged: its {META_FILE} cannot be read ({err}); "
+                        "use another of the run's step<N> checkpoints, or start a new run in another output "
+                        "folder") from None
 
 
 def check_same_model(meta: CheckpointMeta, config: PretrainedConfig, tag_dir: Path) -> None:
@@ -347,7 +349,7 @@ def check_same_model(meta: CheckpointMeta, config: PretrainedConfig, tag_dir: Pa
     diffs = [f"{name}: checkpoint {was} vs model {now}" for name, was, now in saved.differences(current)]
     if diffs:
         raise UserError(f"checkpoint '{tag_dir}' is of another model shape ({'; '.join(diffs)}); "
-                        "resume it with the --model it was trained with, or start fresh with --resume none")
+                        "resume it with the --model it was trained with, or start fresh in another --output_dir")
 
 
 def universal_dir(tag_dir: Path) -> Path:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -121,12 +122,27 @@ def check_model_folder(folder: str) -> None:
                         "written by save_pretrained (e.g. a trained run's saved model)")
 
 
+# transformers' loading report: a tensor the config asks for and the file lacks is left randomly
+# initialised (a warning only), one the file has and the config does not is dropped.
+LOADING_PROBLEMS = {"missing_keys": "missing from the weights", "unexpected_keys": "not in the config's model",
+                    "mismatched_keys": "of another shape than the config's"}
+
+
 def load_saved_model(folder: str, device: torch.device) -> PreTrainedModel:
-    """A save_pretrained causal LM, whole on one device, in eval mode."""
+    """A save_pretrained causal LM, whole on one device, in eval mode: every tensor of the model
+    its config.json describes, from its weights file, or a UserError."""
     check_model_folder(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load '{folder}' as a causal language model "
-                        f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        model, report = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True,
+                                                             ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise UserError(f"cannot load '{folder}' as a causal language model ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0]}); a damaged file? Export the model again") from None
+    # mismatched_keys holds (name, file's shape, config's shape)
+    wrong = [f"{len(names)} tensor(s) {what} (e.g. {min(n[0] if isinstance(n, tuple) else n for n in names)})"
+             for kind, what in LOADING_PROBLEMS.items() if (names := report.get(kind))]
+    if wrong:
+        raise UserError(f"model folder '{folder}': its config.json does not match its weights: {'; '.join(wrong)}. "
+                        "A model built from it would answer with randomly initialised parts: restore the config.json "
+                        "written with these weights, or export the model again")
     return model.to(device).eval()

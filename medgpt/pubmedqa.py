@@ -7,9 +7,10 @@ import json
 import math
 import random
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from medgpt.errors import UserError, check_all
 
@@ -42,15 +43,46 @@ class Record:
     final_decision: str  # yes | no | maybe
 
 
-def _check(records: list[Record], source: str) -> list[Record]:
+MAX_RECORD_PROBLEMS = 5  # a broken conversion breaks every record: the first few say what is wrong
+
+
+def _field_problem(question: Any, contexts: Any, long_answer: Any, decision: Any) -> str | None:
+    """What makes one record unusable, if anything (a null or wrongly typed field)."""
+    if decision is None:
+        return "has no final_decision"
+    if decision not in DECISIONS:
+        return f"has final_decision '{decision}', expected one of {', '.join(DECISIONS)}"
+    if not isinstance(question, str) or not question.strip():
+        return "has an empty question" if isinstance(question, str) else f"has a question {_kind(question)}"
+    if not isinstance(contexts, list | tuple) or not all(isinstance(c, str) for c in contexts):
+        kind = "that are null" if contexts is None else _kind(contexts)
+        return f"has contexts {kind}, expected a list of texts"
+    if long_answer is not None and not isinstance(long_answer, str):
+        return f"has a long answer {_kind(long_answer)}, expected a text"
+    return None
+
+
+def _kind(value: Any) -> str:
+    return "that is null" if value is None else f"of type {type(value).__name__}"
+
+
+def _records(rows: Iterable[tuple[Any, Any, Any, Any, Any]], source: str) -> list[Record]:
+    """Records from (pubid, question, contexts, long_answer, final_decision) rows, every row
+    checked; the first few unusable ones named, by pubid, in one UserError."""
+    records, problems = [], []
+    for pubid, question, contexts, long_answer, decision in rows:
+        problem = _field_problem(question, contexts, long_answer, decision)
+        if problem:
+            problems.append(f"data source '{source}': record {pubid} {problem}")
+        else:
+            records.append(Record(str(pubid), question, tuple(contexts), long_answer or "", decision))
+    if len(problems) > MAX_RECORD_PROBLEMS:
+        problems[MAX_RECORD_PROBLEMS:] = [f"data source '{source}': {len(problems) - MAX_RECORD_PROBLEMS} more "
+                                          "record(s) like these"]
+    if problems:
+        raise UserError(*problems)
     if not records:
         raise UserError(f"data source '{source}' holds no PubMedQA records")
-    for r in records:
-        if r.final_decision not in DECISIONS:
-            raise UserError(f"data source '{source}': record {r.pubid} has final_decision "
-                            f"'{r.final_decision}', expected one of {', '.join(DECISIONS)}")
-        if not r.question.strip():
-            raise UserError(f"data source '{source}': record {r.pubid} has an empty question")
     return records
 
 
@@ -58,20 +90,18 @@ def _from_original_json(path: Path) -> list[Record]:
     """ori_pqal.json: {pmid: {QUESTION, CONTEXTS, LONG_ANSWER, final_decision, ...}}."""
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"data file '{path}' is not valid JSON ({err}); pass the original "
                         "ori_pqal.json, a parquet file, or the Hub id") from None
     if not isinstance(raw, dict):
         raise UserError(f"data file '{path}' must be a JSON object keyed by PMID, as ori_pqal.json is")
-    records = []
     for pmid, item in raw.items():
         missing = [k for k in ("QUESTION", "CONTEXTS", "final_decision") if not isinstance(item, dict) or k not in item]
         if missing:
             raise UserError(f"data file '{path}': record {pmid} has no {', '.join(missing)}; "
                             "every record needs QUESTION, CONTEXTS and final_decision")
-        records.append(Record(str(pmid), item["QUESTION"], tuple(item["CONTEXTS"]),
-                              item.get("LONG_ANSWER", ""), item["final_decision"]))
-    return records
+    return _records(((pmid, item["QUESTION"], item["CONTEXTS"], item.get("LONG_ANSWER"), item["final_decision"])
+                     for pmid, item in raw.items()), str(path))
 
 
 def _from_hf_table(table: pa.Table, source: str) -> list[Record]:
@@ -88,13 +118,8 @@ def _from_hf_table(table: pa.Table, source: str) -> list[Record]:
     contexts = pc.struct_field(table.column("context"), "contexts").to_pylist()
     long_answers = (table.column("long_answer").to_pylist() if "long_answer" in table.column_names
                     else [None] * len(table))
-    records = []
-    for pubid, question, context, long_answer, decision in zip(
-            columns["pubid"], columns["question"], contexts, long_answers, columns["final_decision"], strict=True):
-        if decision is None:
-            raise UserError(f"data source '{source}': record {pubid} has no final_decision")
-        records.append(Record(str(pubid), question, tuple(context), long_answer or "", decision))
-    return records
+    return _records(zip(columns["pubid"], columns["question"], contexts, long_answers, columns["final_decision"],
+                        strict=True), source)
 
 
 def _parquet_files(path: Path, subset: str) -> list[Path]:
@@ -134,18 +159,24 @@ def load_records(source: str, subset: str = "pqa_labeled") -> list[Record]:
     (ori_pqal.json, or ori_pqaa.json: the file holds one subset, whichever it is)."""
     # Imported here: pyarrow and datasets take a second to import, which the launchers' --help
     # (this module's DECISIONS and NUM_FOLDS) does without.
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(source)
     if path.is_dir() or (path.suffix == ".parquet" and path.is_file()):
         files = _parquet_files(path, subset)
-        return _check(_from_hf_table(pq.read_table(files), source), source)
+        try:
+            table = pq.read_table(files)
+        except (pa.ArrowException, OSError) as err:  # a file cut short, or not parquet at all
+            raise UserError(f"data source '{source}': cannot read its parquet file(s) ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0]}); a damaged or partial download? Fetch it again") from None
+        return _from_hf_table(table, source)
     if path.suffix == ".json" and path.is_file():
-        return _check(_from_original_json(path), source)
+        return _from_original_json(path)
     if not _is_hub_id(source):
         raise UserError(f"data source '{source}' is not a readable ori_pqal.json, .parquet file or "
                         f"parquet folder; pass --data with one of those, or the Hub id {HUB_DATASET}")
-    return _check(_from_hf_table(_from_hub(source, subset), source), source)
+    return _from_hf_table(_from_hub(source, subset), source)
 
 @dataclass(frozen=True)
 class Split:

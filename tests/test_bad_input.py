@@ -28,6 +28,12 @@ def no_label_file(tmp: Path) -> Path:
     return write(tmp / "no_label.json", json.dumps({"1": {**record, "final_decision": "yes"}, "2": record}))
 
 
+def null_contexts_file(tmp: Path) -> Path:
+    records = json.loads(ORI_JSON.read_text())
+    records[next(iter(records))]["CONTEXTS"] = None  # once a TypeError deep in the tokenizer
+    return write(tmp / "null_contexts.json", json.dumps(records))
+
+
 def first_records(tmp: Path, count: int) -> Path:
     records = list(json.loads(ORI_JSON.read_text()).items())[:count]
     return write(tmp / f"first{count}.json", json.dumps(dict(records)))
@@ -111,6 +117,8 @@ START_UP_CASES = {
     "malformed JSON": Case(lambda tmp: {"data": write(tmp / "bad.json", '{"1": {"QUESTION": ')}, ("not valid JSON",)),
     "record without final_decision": Case(lambda tmp: {"data": no_label_file(tmp)},
                                           ("record 2 has no final_decision",)),
+    "a record with null CONTEXTS": Case(lambda tmp: {"data": null_contexts_file(tmp)},
+                                        (r"record \d+ has contexts that are null, expected a list of texts",)),
     "20-record data file": Case(lambda tmp: {"data": first_records(tmp, 20)},
                                 ("the data holds 20 questions, too few for the official split",)),
     "missing ds_config": Case(lambda tmp: {"ds_config": tmp / "absent.json"}, ("DeepSpeed config .* does not exist",)),

@@ -3,6 +3,7 @@ tiny model (1 process and 2 ranks), a model over-fitted to known answers, bad in
 import json
 import math
 import re
+import shutil
 from collections import Counter
 
 import pytest
@@ -209,6 +210,15 @@ def not_a_causal_lm(tmp):
     return tmp / "vit"
 
 
+def deeper_config(tmp, model):
+    """The model's folder with n_layer 2 -> 3 in its config.json: once exit 0, a random third layer answering."""
+    copy = tmp / "deeper"
+    shutil.copytree(model, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "n_layer": config["n_layer"] + 1}))
+    return copy
+
+
 BAD_INPUT = {
     "missing model folder": (EVALUATE_PY, lambda tmp, model: ["--model", str(tmp / "absent")],
                              "model folder .* does not exist"),
@@ -223,6 +233,9 @@ BAD_INPUT = {
     "predictions with extra PMIDs": (EVALUATE_PY, lambda tmp, model: ["--predictions",
                                                                       str(predictions_file(tmp, add=["1"]))],
                                      "0 missing .*, 1 extra"),
+    "config that disagrees with the weights": (
+        GENERATE_PY, lambda tmp, model: ["--model", str(deeper_config(tmp, model)), "Is it?"],
+        "its config.json does not match its weights"),
     "empty question": (GENERATE_PY, lambda tmp, model: ["--model", str(model), "  "], "the question is empty"),
 }
 
