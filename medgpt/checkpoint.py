@@ -21,6 +21,7 @@ to a broken one is an error.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -43,7 +44,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from medgpt.adam_replay import replay_cpu_adam_steps
 from medgpt.config import Config
 from medgpt.distributed import Dist
-from medgpt.errors import UserError
+from medgpt.errors import NoSpaceLeft, UserError
 from medgpt.model_shape import ModelShape
 
 META_FILE = "medgpt.json"
@@ -167,14 +168,18 @@ def save_checkpoint(engine: Any, output_dir: str | Path, state: TrainState, meta
     if dist.is_main:
         _clear_tag(tag_dir)
     dist.barrier()  # no rank writes into the folder before it is cleared
-    # The universal-checkpoint info is what ds_to_universal needs to reshard this tag later.
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False, client_state={
-        UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
-    torch.save(_capture_rng(), _rng_file(tag_dir, dist.rank, mkdir=True))
-    if dist.is_main:
-        tokenizer.save_pretrained(str(tag_dir / "tokenizer"))
-        tag_meta = dataclasses.replace(meta, train_state=state, world_size=dist.world_size)
-        (tag_dir / META_FILE).write_text(json.dumps(tag_meta.to_dict(), indent=2))
+    try:
+        # The universal-checkpoint info is what ds_to_universal needs to reshard this tag later.
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False, client_state={
+            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
+        torch.save(_capture_rng(), _rng_file(tag_dir, dist.rank, mkdir=True))
+        if dist.is_main:
+            tokenizer.save_pretrained(str(tag_dir / "tokenizer"))
+            tag_meta = dataclasses.replace(meta, train_state=state, world_size=dist.world_size)
+            (tag_dir / META_FILE).write_text(json.dumps(tag_meta.to_dict(), indent=2))
+    except (OSError, RuntimeError) as err:
+        _raise_if_out_of_space(err, tag_dir)
+        raise
     dist.barrier()  # every rank's files are complete before the manifest lists them
     if dist.is_main:
         _write_manifest(tag_dir)
@@ -182,6 +187,28 @@ def save_checkpoint(engine: Any, output_dir: str | Path, state: TrainState, meta
         _prune(root, keep_last, keep=_tag(state.best_step) if state.best_step else None)
     dist.barrier()
     return tag_dir
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _raise_if_out_of_space(err: BaseException, tag_dir: Path) -> None:
+    """A save that failed for lack of space, said as such: torch's zip writer reports a full disk as
+    "unexpected pos" (a RuntimeError without errno), so the file system's free space decides.
+    `latest` still names the last complete checkpoint: nothing finished is lost."""
+    free = shutil.disk_usage(tag_dir.parent).free
+    latest = tag_dir.parent / LATEST_FILE
+    previous = tag_dir.parent / latest.read_text().strip() if latest.is_file() else None
+    written = _folder_bytes(tag_dir) if tag_dir.is_dir() else 0
+    need = max(_folder_bytes(previous) if previous and previous.is_dir() else 0, written)
+    if getattr(err, "errno", None) != errno.ENOSPC and free > max(need - written, 1 << 20):
+        return
+    size = f"about {need / 2**20:.0f} MiB" if previous else f"more than {written / 2**20:.0f} MiB"
+    kept = f"'latest' still names {previous.name}" if previous else "no checkpoint was complete yet"
+    raise NoSpaceLeft(f"no space left on {tag_dir.parent} while saving {tag_dir.name}: a checkpoint needs {size}, "
+                      f"{free / 2**20:.0f} MiB are free; {kept}. Free space there (or lower --keep_last), delete "
+                      f"the partial {tag_dir.name}, and rerun to resume") from None
 
 
 def _clear_tag(tag_dir: Path) -> None:

@@ -3,7 +3,8 @@
 | code | meaning                                                                 | what to do          |
 | ---- | ----------------------------------------------------------------------- | ------------------- |
 | 0    | finished: trained, scored and exported                                   | -                   |
-| 1    | an unexpected crash (a bug or a dead node): traceback in the log         | read the traceback  |
+| 1    | an unexpected crash (a bug or a dead node): traceback in the log; or a   | read the traceback; |
+|      | checkpoint that did not fit on its disk (one line says so, no traceback) | free space, rerun   |
 | 2    | bad input, reported before anything was written                          | fix what it says    |
 | 3    | training diverged (non-finite loss or gradients, too many skipped steps) | lower lr, check data|
 | 4    | a rank stalled: a collective did not complete within collective_timeout, | check the node;     |
@@ -51,6 +52,11 @@ class Failure(Exception):
 class UserError(Failure):
     """Bad input the user can fix: each problem names what is wrong and the fix."""
     exit_code = USER_ERROR_EXIT
+
+
+class NoSpaceLeft(Failure):
+    """A checkpoint did not fit on its file system: a crash (exit 1) whose cause is known and said."""
+    exit_code = 1
 
 
 class TrainingDiverged(Failure):

@@ -57,10 +57,10 @@ def xdist_group(item: pytest.Item) -> str:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection (_pytest/mark/__init__.py)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A SLURM or network-namespace test starts real jobs: it is an e2e test too, so that
+    """A SLURM, network-namespace or tmpfs test starts real jobs: it is an e2e test too, so that
     `-m "not e2e"` leaves it out. Each test gets its xdist group; groups run longest first."""
     for item in items:
-        if item.get_closest_marker("slurm") or item.get_closest_marker("netns"):
+        if any(item.get_closest_marker(name) for name in ("slurm", "netns", "tmpfs")):
             item.add_marker(pytest.mark.e2e)
         item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
     items.sort(key=lambda item: -GROUP_SECONDS.get(xdist_group(item), 0.0))  # stable: a group's order kept
