@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +18,6 @@ from typing import NoReturn
 
 import deepspeed
 import torch
-from tqdm import tqdm
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from medgpt.checkpoint import TrainState, describe_history, load_checkpoint, mark_finished
@@ -29,6 +29,7 @@ from medgpt.export import export_checkpoint
 from medgpt.loss import count_label_tokens, label_loss_sum
 from medgpt.metrics import score_line
 from medgpt.preemption import PREEMPTED_EXIT, StopRequest, watch_deepspeed_launcher
+from medgpt.progress import Progress
 from medgpt.pubmedqa import Record
 from medgpt.resume import ResumePlan, best_checkpoint, plan_resume
 from medgpt.run_lock import lock_output_dir
@@ -172,8 +173,10 @@ def _score_test(engine: deepspeed.DeepSpeedEngine, tokenizer: PreTrainedTokenize
     """The official test set, once, with the final weights (all ranks score; rank 0 writes).
     Recorded in the final checkpoint last: a crash before that leaves it to the rerun (a crash
     between the TensorBoard flush and the record, a few milliseconds, would log it twice)."""
+    if dist.is_main:
+        print(f"medgpt: scoring the {len(records)} test questions", flush=True)
     test = evaluate_records(engine, tokenizer, records, dist, cfg.data.seq_len, cfg.train.eval_batch_size,
-                            progress=dist.is_main)
+                            progress=dist.is_main and sys.stderr.isatty())  # a bar in a file: a line per redraw
     if dist.is_main:
         write_results(Path(cfg.train.output_dir), test.predictions(records), test.metrics, prefix="test_")
         logger.log(step, metric_scalars(test, "test"))
@@ -203,7 +206,7 @@ def _step_batches(data: Data, state: TrainState, grad_accum: int) -> Iterator[li
             yield [next(batches) for _ in range(grad_accum)]
 
 
-def _log_step(logger: MetricsLogger | None, bar: tqdm, step: int, epoch: float, stats: StepStats, lr: float,
+def _log_step(logger: MetricsLogger | None, bar: Progress, step: int, epoch: float, stats: StepStats, lr: float,
               perf: dict[str, float], engine: deepspeed.DeepSpeedEngine, skips: SkipCount) -> None:
     scalars = {"train/loss": stats.loss, "train/lr": lr, "train/epoch": epoch, **perf}
     if stats.grad_norm is not None:
@@ -216,11 +219,11 @@ def _log_step(logger: MetricsLogger | None, bar: tqdm, step: int, epoch: float, 
         scalars["train/skipped_steps"] = skips.total
     if logger:
         logger.log(step, scalars)
-        bar.set_postfix_str(f"loss {stats.loss:.4f} | lr {lr:.2e} | {console_summary(perf)}")
+        bar.status(step, f"loss {stats.loss:.4f} | lr {lr:.2e} | {console_summary(perf)}")
 
 
 def _evaluate_dev(run: Engine, tokenizer: PreTrainedTokenizerBase, data: Data, cfg: Config, dist: Dist,
-                  logger: MetricsLogger | None, bar: tqdm) -> None:
+                  logger: MetricsLogger | None, bar: Progress) -> None:
     """Held-out loss and answer accuracy / macro-F1 on the dev fold (log-likelihood scoring; all
     ranks), and with --select_best a checkpoint whenever the selected score improves."""
     engine, state, t = run.engine, run.state, cfg.train
@@ -259,7 +262,8 @@ def _final_checkpoint(run: Engine, plan: ResumePlan, t: TrainConfig, dist: Dist)
     return best
 
 
-def _save_and_exit(save: Callable[[], Path], stop_request: StopRequest, step: int, dist: Dist, bar: tqdm) -> NoReturn:
+def _save_and_exit(save: Callable[[], Path], stop_request: StopRequest, step: int, dist: Dist,
+                   bar: Progress) -> NoReturn:
     """A stop signal reached some rank: checkpoint, and exit so the job is requeued and resumes."""
     save()
     if dist.is_main:
@@ -300,8 +304,7 @@ def train(cfg: Config) -> None:
     exit_on_collective_timeout(dist, t.collective_timeout, lambda: state.step)
     batches = _step_batches(data, state, plan.grad_accum)
     # The bar is closed however the loop ends, so an error line never shares the bar's line.
-    with tqdm(total=data.total_steps, initial=state.step, desc="train", unit="step", disable=not dist.is_main,
-              dynamic_ncols=True) as bar:
+    with Progress(data.total_steps, state.step, shown=dist.is_main) as bar:
         while not state.finished(data.total_steps, t.early_stop):
             lr, step_start = engine.get_lr()[0], time.perf_counter()
             stats = train_step(engine, next(batches), dist, stop_request.received)
@@ -315,7 +318,7 @@ def train(cfg: Config) -> None:
             if not stats.applied:
                 continue
             state.step += 1
-            bar.update(1)
+            bar.update()
             last = state.step == data.total_steps
             if state.step % t.log_every == 0 or last:
                 _log_step(logger, bar, state.step, state.epochs(data.global_batch, data.steps_per_epoch), stats, lr,

@@ -104,7 +104,7 @@ def test_missing_latest_resumes_from_the_newest_complete_checkpoint(runs, tmp_pa
 
 
 def run_until(cmd: list[str], marker: str, timeout: float) -> tuple[subprocess.Popen, str]:
-    """Start a job and read its output until marker appears (tqdm bars end in \\r, not \\n: read bytes)."""
+    """Start a job and read its output until marker appears (bytes as they come, not lines)."""
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=launch_env())
     output, deadline = b"", time.time() + timeout
     while marker.encode() not in output and time.time() < deadline:
@@ -120,8 +120,8 @@ def test_kill_during_test_scoring_then_resume_completes_test_and_export(tmp_path
     args = ckpt_args(out, data_cache, 0, max_steps=4)
     port = free_port()
     torchrun = launch_command("torchrun", nproc=2, master_port=port)
-    proc, output = run_until(torchrun + args, "score:", timeout=600)  # the test set's progress bar
-    assert "score:" in output, output[-3000:]
+    proc, output = run_until(torchrun + args, "medgpt: scoring the 500 test questions", timeout=600)
+    assert "medgpt: scoring the 500 test questions" in output, output[-3000:]
     for pid in run_pids(out):  # kill -9 of the whole job, as a scheduler's hard kill does
         os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=60)
