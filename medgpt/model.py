@@ -2,6 +2,7 @@
 from a GPT2Config .json (configs/models/)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -67,6 +70,43 @@ def check_model_shape(config: PretrainedConfig, seq_len: int) -> PretrainedConfi
     if problems:
         raise UserError(*problems)
     return config
+
+
+# --packing on relies on transformers keeping attention inside each sample of a row: it builds a
+# block-causal mask from position_ids that restart at 0 (masking_utils.py, find_packed_sequence_indices);
+# a version without that detection attends across samples silently. Checked at start, functionally.
+PROBE_SHAPE = {"vocab_size": 64, "n_positions": 32, "n_embd": 16, "n_layer": 1, "n_head": 2, "bos_token_id": 0,
+               "eos_token_id": 0}
+PACKING_TOLERANCE = 1e-4  # fp32 reordering is ~1e-7; attending to another sample moves the logits by ~1e-1
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, position_ids) -> logits
+
+
+def packed_sample_difference(forward: Forward) -> float:
+    """How far a sample's logits, packed in a row after another sample, are from the sample alone."""
+    first, second = torch.arange(1, 6), torch.arange(10, 17)
+    row = torch.cat([first, second])[None]
+    positions = torch.cat([torch.arange(len(first)), torch.arange(len(second))])[None]
+    with torch.no_grad():
+        packed = forward(row, positions)[0, len(first):]
+        alone = forward(second[None], torch.arange(len(second))[None])[0]
+    return (packed - alone).abs().max().item()
+
+
+def check_packing_isolation(forward: Forward | None = None) -> None:
+    """Refuse --packing on where packed samples would see each other: a tiny GPT-2 called the way the
+    training loss calls it (medgpt/loss.py: input_ids and position_ids, no attention_mask, no cache),
+    unless ``forward`` says otherwise."""
+    if forward is None:
+        with torch.random.fork_rng():  # the run's random streams stay untouched
+            torch.manual_seed(0)
+            model = GPT2LMHeadModel(GPT2Config(**PROBE_SHAPE)).eval()
+        forward = lambda ids, pos: model(input_ids=ids, position_ids=pos, use_cache=False).logits  # noqa: E731
+    difference = packed_sample_difference(forward)
+    if difference > PACKING_TOLERANCE:
+        raise UserError(f"--packing on: the installed transformers {transformers.__version__} lets a packed sample "
+                        f"attend to the sample before it in its row (its logits move by {difference:.2g}), so "
+                        "questions would see each other's contexts; install a transformers that keeps packed "
+                        "samples apart (pip install -U transformers), or train with --packing off")
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

@@ -31,7 +31,7 @@ from medgpt.errors import UserError, check_all
 from medgpt.launch_env import launch_rank
 from medgpt.lora import trainable_parameters
 from medgpt.lr_schedule import warmup_cosine
-from medgpt.model import build_model, check_model_shape, load_model_config, load_tokenizer
+from medgpt.model import build_model, check_model_shape, check_packing_isolation, load_model_config, load_tokenizer
 from medgpt.model_shape import ModelShape
 from medgpt.op_builds import announce_builds, optimizer_builders
 from medgpt.outputs import check_output_dir
@@ -61,11 +61,12 @@ def check_inputs(cfg: Config) -> Inputs:
     their results."""
     t = cfg.train
     adopt_launcher_env()
-    raw_ds_config, (records, split), model_config, tokenizer, checkpoint, _, _ = check_all(
+    raw_ds_config, (records, split), model_config, tokenizer, checkpoint, *_ = check_all(
         lambda: load_ds_config(t.ds_config), lambda: load_data(cfg.data),
         lambda: check_model_shape(load_model_config(cfg.model), cfg.data.seq_len), lambda: load_tokenizer(cfg.model),
         lambda: find_checkpoint(t.resume, t.output_dir, report=launch_rank() == 0),
-        lambda: check_output_dir(t.output_dir, "output_dir"), lambda: check_fresh_start(t))
+        lambda: check_output_dir(t.output_dir, "output_dir"), lambda: check_fresh_start(t),
+        lambda: cfg.data.packing and check_packing_isolation())
     if checkpoint:  # needs find_checkpoint's answer
         check_checkpoint_files(checkpoint, universal_dir(checkpoint))
     return Inputs(raw_ds_config, records, split, model_config, tokenizer, checkpoint,

@@ -21,7 +21,9 @@ from medgpt.data import (
     tokenized_dataset,
 )
 from medgpt.distributed import Dist
+from medgpt.errors import UserError
 from medgpt.loss import label_loss_sum
+from medgpt.model import PACKING_TOLERANCE, PROBE_SHAPE, check_packing_isolation, packed_sample_difference
 from medgpt.prompt import IGNORE_INDEX
 from medgpt.pubmedqa import load_records, official_split
 
@@ -243,3 +245,20 @@ def test_resume_with_other_packing_is_refused(prepared_then_trained, data_cache,
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("medgpt: error: checkpoint") and fix in error
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_the_installed_transformers_keeps_packed_samples_apart():
+    check_packing_isolation()  # what --packing on checks at start
+
+
+def test_packing_is_refused_where_packed_samples_see_each_other():
+    """What a transformers without the position_ids detection computes: one causal mask over the row."""
+    model = GPT2LMHeadModel(GPT2Config(**PROBE_SHAPE)).eval()
+
+    def one_mask_per_row(ids, pos):
+        return model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+    assert packed_sample_difference(one_mask_per_row) > 100 * PACKING_TOLERANCE
+    with pytest.raises(UserError, match=r"--packing on: the installed transformers \S+ lets a packed sample attend to "
+                                        r"the sample before it .* or train with --packing off"):
+        check_packing_isolation(one_mask_per_row)
