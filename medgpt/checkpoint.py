@@ -109,6 +109,8 @@ class CheckpointMeta:
     definition: dict[str, Any] = field(default_factory=dict)
     # Settings changed on resume, oldest first: {"step": first step with the new value, "name", "was", "now"}.
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Versions, source commit, hosts and devices of the start that saved it (medgpt.provenance).
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

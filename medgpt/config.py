@@ -30,9 +30,11 @@ OPTIONAL_TRACKERS = ("mlflow", "wandb")
 # GPT-2's Conv1D projections (module names peft matches by suffix): c_attn (q, k, v fused), c_proj
 # (attention output and MLP output), c_fc (MLP input).
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
-# config.yaml's record of the settings changed on resume (medgpt.resume_settings); not a section:
-# a run's config.yaml read back as --config ignores it.
-HISTORY_KEY = "history"
+# config.yaml's records beside the sections: the settings changed on resume (medgpt.resume_settings)
+# and where the run's numbers come from (medgpt.provenance). A run's config.yaml read back as
+# --config ignores them.
+HISTORY_KEY, PROVENANCE_KEY = "history", "provenance"
+RECORD_KEYS = (HISTORY_KEY, PROVENANCE_KEY)
 
 
 @dataclass
@@ -306,7 +308,8 @@ def _load_yaml(path: str) -> dict[str, dict[str, Any]]:
         raise UserError(f"config file '{path}' is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise UserError(f"config file '{path}' must be a mapping of sections {', '.join(SECTIONS)}")
-    raw.pop(HISTORY_KEY, None)
+    for key in RECORD_KEYS:
+        raw.pop(key, None)
     for section, values in raw.items():
         if section not in SECTIONS:
             raise UserError(f"config file '{path}': unknown section '{section}'; "

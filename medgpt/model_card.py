@@ -11,7 +11,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCardData
 
 from medgpt.checkpoint import CheckpointMeta, describe_history
-from medgpt.config import HUB_DATASET
+from medgpt.config import HUB_DATASET, Config
 from medgpt.metrics import score_line
 from medgpt.prompt import PROMPT_FORMAT_VERSION, answer_text, context_text, question_text
 
@@ -81,11 +81,19 @@ def _usage_section(folder: Path) -> str:
             "\"<question>\" --context \"<context>\"` answers one question.\n")
 
 
+def _data_row(cfg: Config) -> str:
+    """What the run trained and chose on, for either subset (the test set is pqa_labeled's official one)."""
+    d = cfg.data
+    if d.subset == "pqa_labeled":
+        return f"{d.data}, PubMedQA pqa_labeled, official split, fold {d.fold}: 450 training / 50 dev questions"
+    return (f"{d.data}, PubMedQA pqa_artificial: every question trains but a 1% dev slice chosen by pubid hash "
+            "(no fold); test: pqa_labeled's official 500 questions")
+
+
 def _training_section(meta: CheckpointMeta, facts: dict[str, Any]) -> str:
     cfg, shape = meta.config, meta.model_shape
     rows = [("model", f"{cfg.model.model} ({shape.n_layer} layers, width {shape.n_embd}, {shape.n_head} heads)"),
-            ("data", f"{cfg.data.data}, PubMedQA pqa_labeled, official split, fold {facts['fold']}: "
-                     "450 training / 50 dev questions"),
+            ("data", _data_row(cfg)),
             ("steps", f"{facts['step']} optimizer steps of {meta.global_batch} "
                       f"{'packed rows' if cfg.data.packing else 'questions'}"),
             ("precision, ZeRO", f"{cfg.train.precision}, ZeRO-{meta.zero_stage} on {meta.world_size} rank(s)"),
@@ -96,6 +104,18 @@ def _training_section(meta: CheckpointMeta, facts: dict[str, Any]) -> str:
                f"before):\n\n{changed}" if changed else "")
     return (f"## Training\n\n| | |\n| --- | --- |\n{table}\n\nThe whole medgpt configuration (the last "
             f"values):\n\n```yaml\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}```\n{history}")
+
+
+def _provenance_section(provenance: dict[str, Any]) -> str:
+    if not provenance:
+        return ""  # a checkpoint from before it was recorded
+    versions = ", ".join(f"{name} {version}" for name, version in provenance["versions"].items() if version)
+    source = provenance.get("source")
+    commit = (f"medgpt commit {source['commit'][:12]}{' with uncommitted changes' if source['dirty'] else ''}"
+              if source else "medgpt outside a git checkout")
+    devices = ", ".join(f"{count} x {name}" for name, count in provenance["devices"].items())
+    return (f"## Provenance\n\nTrained (its last part) with {versions}; {commit}; on {devices} "
+            f"(host(s) {', '.join(provenance['hosts'])}).\n")
 
 
 def _results_section(test: dict[str, Any] | None) -> str:
@@ -112,7 +132,8 @@ def write_model_card(folder: Path, meta: CheckpointMeta, tag_dir: Path, test: di
     facts = export_facts(meta)
     body = (f"# {folder.name}\n\nGPT-2 fine-tuned with medgpt (DeepSpeed) to answer PubMedQA questions "
             f"yes, no or maybe, exported from {tag_dir}.\n\n"
-            + "\n".join([_prompt_section(facts), _usage_section(folder), _training_section(meta, facts),
-                         _results_section(test)]))
+            + "\n".join(part for part in [_prompt_section(facts), _usage_section(folder),
+                                           _training_section(meta, facts), _provenance_section(meta.provenance),
+                                           _results_section(test)] if part))
     metadata = card_metadata(folder.name, meta, test).to_yaml()
     (folder / "README.md").write_text(f"---\n{metadata}\n---\n\n{body}")

@@ -147,6 +147,7 @@ def write_report(folder: Path, output_dir: Path) -> Path:
         lines += _unfinished_section(unfinished)
     (output_dir / "report.json").write_text(json.dumps(
         {"settings": summaries, "perf": list(perf.values()),
+         "provenance": {run.name: run.provenance for run in runs},
          "unfinished": [{"run": run.name, "setting": run.setting_id, "last_step": run.last_step}
                         for run in unfinished]}, indent=1))
     report = output_dir / "report.md"

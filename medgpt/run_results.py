@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from medgpt.config import HISTORY_KEY
+from medgpt.config import PROVENANCE_KEY, RECORD_KEYS
 from medgpt.errors import UserError
 from medgpt.run_setting import flat_config, setting_id, setting_of
 
@@ -25,6 +25,7 @@ class Run:
     setting: dict[str, Any]  # medgpt.run_setting.setting_of
     test: dict[str, Any] | None  # test_metrics.json; None: not finished
     scalars: Scalars
+    provenance: dict[str, Any] | None = None  # config.yaml's: its last start's (None: an older run)
 
     @property
     def setting_id(self) -> str:
@@ -85,8 +86,7 @@ def read_run(path: Path, folder: Path) -> Run:
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"cannot read '{path / 'config.yaml'}' ({type(err).__name__}); a run's config.yaml "
                         "is the one medgpt wrote") from None
-    if isinstance(config, dict):
-        config.pop(HISTORY_KEY, None)  # settings changed on resume: the sections hold the current ones
+    records = {key: config.pop(key, None) for key in RECORD_KEYS} if isinstance(config, dict) else {}
     if not isinstance(config, dict) or not all(isinstance(s, dict) for s in config.values()):
         raise UserError(f"'{path / 'config.yaml'}' is not a medgpt config (sections of fields)")
     ds_config = path / "ds_config.json"
@@ -94,7 +94,8 @@ def read_run(path: Path, folder: Path) -> Run:
     test = path / "test_metrics.json"
     name = str(path.relative_to(folder)) if path != folder else folder.resolve().name  # one run: its own name
     return Run(name=name, config=config, setting=setting_of(config, global_batch),
-               test=_read_json(test) if test.exists() else None, scalars=read_scalars(path / "tensorboard"))
+               test=_read_json(test) if test.exists() else None, scalars=read_scalars(path / "tensorboard"),
+               provenance=records[PROVENANCE_KEY])
 
 
 def read_runs(folder: Path) -> list[Run]:

@@ -9,6 +9,8 @@ import hashlib
 import json
 from typing import Any
 
+from medgpt.config import RECORD_KEYS
+
 REPEAT_FIELDS = ("fold", "seed")
 # How a run was run, not what it computed. eval_every stays in the setting: with best-checkpoint
 # selection the evaluations decide which weights are scored on test. micro_batch_size and
@@ -20,8 +22,9 @@ RUN_FIELDS = ("output_dir", "resume", "device", "cache_dir", "log_every", "save_
 
 
 def flat_config(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """config.yaml's sections as one mapping of field names (unique across sections, as the flags)."""
-    return {name: value for section in config.values() for name, value in section.items()}
+    """config.yaml's sections as one mapping of field names (unique across sections, as the flags);
+    its records beside them (history, provenance: medgpt.config.RECORD_KEYS) are not settings."""
+    return {name: value for key, section in config.items() if key not in RECORD_KEYS for name, value in section.items()}
 
 
 def setting_of(config: dict[str, dict[str, Any]], global_batch: int | None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from medgpt.checkpoint import (
     universal_dir,
 )
 from medgpt.compilation import compile_engine
-from medgpt.config import HISTORY_KEY, Config
+from medgpt.config import HISTORY_KEY, PROVENANCE_KEY, Config
 from medgpt.data import ResumableDistributedSampler, eval_loader, sample_lengths, train_loader, training_data
 from medgpt.distributed import Dist, adopt_launcher_env
 from medgpt.ds_config import load_ds_config, resolve_ds_config, zero_stage
@@ -141,7 +141,7 @@ class Engine:
 
 
 def build_engine(cfg: Config, inputs: Inputs, plan: ResumePlan, ds_config: dict[str, Any], total_steps: int,
-                 dist: Dist) -> Engine:
+                 provenance: dict[str, Any], dist: Dist) -> Engine:
     """The model inside DeepSpeed, at the checkpoint's state when resuming."""
     use_tf32(dist.device, cfg.train.tf32 and cfg.train.precision == "fp32")
     t, model_config = cfg.train, inputs.model_config
@@ -163,17 +163,18 @@ def build_engine(cfg: Config, inputs: Inputs, plan: ResumePlan, ds_config: dict[
                           model_shape=ModelShape.from_config(model_config),
                           global_batch=t.micro_batch_size * plan.grad_accum * dist.world_size,
                           zero_stage=zero_stage(ds_config), optimizer=type(engine.optimizer).__name__,
-                          definition=inputs.definition, history=plan.history)
+                          definition=inputs.definition, history=plan.history, provenance=provenance)
     save = functools.partial(save_checkpoint, engine, t.output_dir, state, meta, inputs.tokenizer, dist, t.keep_last)
     return Engine(engine, state, meta, hf_deepspeed_config, save)
 
 
-def write_run_files(output_dir: Path, cfg: Config, ds_config: dict[str, Any], history: list[dict[str, Any]]) -> None:
+def write_run_files(output_dir: Path, cfg: Config, ds_config: dict[str, Any], history: list[dict[str, Any]],
+                    provenance: dict[str, Any]) -> None:
     """The first write to output_dir (rank 0): a model or engine that fails to build leaves the
-    folder as it was. config.yaml ends with the settings changed on resume (read back as --config,
-    that part is ignored)."""
+    folder as it was. config.yaml ends with the settings changed on resume and this start's
+    provenance (read back as --config, those are ignored)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    recorded = {**cfg.to_dict(), **({HISTORY_KEY: history} if history else {})}
+    recorded = {**cfg.to_dict(), **({HISTORY_KEY: history} if history else {}), PROVENANCE_KEY: provenance}
     (output_dir / "config.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False))
     (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 

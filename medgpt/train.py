@@ -18,6 +18,7 @@ from typing import NoReturn
 
 import deepspeed
 import torch
+import yaml
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from medgpt.checkpoint import TrainState, describe_history, load_checkpoint, mark_finished
@@ -30,6 +31,7 @@ from medgpt.loss import count_label_tokens, label_loss_sum
 from medgpt.metrics import score_line
 from medgpt.preemption import PREEMPTED_EXIT, StopRequest, watch_deepspeed_launcher
 from medgpt.progress import Progress
+from medgpt.provenance import run_provenance
 from medgpt.pubmedqa import Record
 from medgpt.resume import ResumePlan, best_checkpoint, plan_resume
 from medgpt.run_lock import lock_output_dir
@@ -291,13 +293,16 @@ def train(cfg: Config) -> None:
         if end_parts:
             _export_final(plan.final_checkpoint(t), output_dir, dist)
         return
-    run = build_engine(cfg, inputs, plan, ds_config, data.total_steps, dist)
+    provenance = run_provenance(dist)
+    run = build_engine(cfg, inputs, plan, ds_config, data.total_steps, provenance, dist)
     engine, state = run.engine, run.state
     if dist.is_main:
-        write_run_files(output_dir, cfg, ds_config, plan.history)
+        write_run_files(output_dir, cfg, ds_config, plan.history, provenance)
     peak_total = peak_tflops_total(cfg, dist)
     # Drops events an earlier run logged after this checkpoint (or, on a fresh start, before its first one).
     logger = MetricsLogger(cfg, data.global_batch, purge_step=state.step + 1) if dist.is_main else None
+    if logger:
+        logger.note("provenance", f"```yaml\n{yaml.safe_dump(provenance, sort_keys=False)}```", state.step + 1)
     if logger and plan.changes:
         logger.note("resume/changed_settings", "\n\n".join(describe_history(plan.history)), state.step + 1)
     window, skips, last_checkpoint = ThroughputWindow(), SkipCount(), plan.checkpoint

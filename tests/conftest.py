@@ -265,6 +265,17 @@ def read_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def checkout_commit() -> dict | None:
+    """This checkout's commit and dirtiness as git reports them (None: not a git checkout)."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return None
+    return {"commit": head.stdout.strip(),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())}
+
+
 def tensorboard_text(output_dir: Path, tag: str) -> str:
     """The texts a run logged under ``tag``, joined, read back with TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

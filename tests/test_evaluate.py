@@ -4,6 +4,7 @@ import json
 import math
 import re
 import shutil
+import socket
 from collections import Counter
 
 import pytest
@@ -20,8 +21,10 @@ from conftest import (
     TINY_MODEL,
     TOKENIZER,
     check_ok,
+    checkout_commit,
     launch,
     read_scalars,
+    tensorboard_text,
     tiny_args,
 )
 from medgpt.data import collate
@@ -340,6 +343,22 @@ def test_the_export_explains_itself(trained_run):
 
 
 @pytest.mark.e2e
+def test_every_record_says_where_the_numbers_come_from(trained_run):
+    """Versions, medgpt's commit, hosts and devices: in medgpt.json, config.yaml, TensorBoard and the card."""
+    out, _ = trained_run
+    provenance = read_json(out / "checkpoints" / "step4" / "medgpt.json")["provenance"]
+    assert provenance["versions"]["torch"] == torch.__version__ and provenance["versions"]["deepspeed"]
+    assert provenance["source"] == checkout_commit()
+    assert provenance["hosts"] == [socket.gethostname()] and sum(provenance["devices"].values()) == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["provenance"] == provenance
+    assert f"torch: {torch.__version__}" in tensorboard_text(out, "provenance")
+    card = (out / "export" / "README.md").read_text()
+    assert "## Provenance\n\nTrained (its last part) with python " in card and f"torch {torch.__version__}" in card
+    source = provenance["source"]
+    assert (f"medgpt commit {source['commit'][:12]}" if source else "medgpt outside a git checkout") in card
+    assert "PubMedQA pqa_labeled, official split, fold 0: 450 training / 50 dev questions" in card
+
+
 def test_an_unscored_checkpoint_exports_a_card_without_scores(trained_run, tmp_path):
     out, _ = trained_run
     proc = launch(["--checkpoint", str(out / "checkpoints" / "step2"), "--output_dir", str(tmp_path / "hf")],

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from conftest import (
@@ -76,6 +77,8 @@ def test_report_numbers_equal_an_independent_scoring_of_the_predictions(sweep: P
     check_ok(launch([str(sweep), "--output_dir", str(tmp_path)], script=REPORT_PY))
     report = json.loads((tmp_path / "report.json").read_text())
     markdown = (tmp_path / "report.md").read_text()
+    torch_versions = {name: p["versions"]["torch"] for name, p in report["provenance"].items()}
+    assert torch_versions == dict.fromkeys(report["provenance"], torch.__version__) and len(torch_versions) >= 2
     gold = json.loads(GROUND_TRUTH.read_text())
     runs = {name: scores(json.loads((sweep / name / "test_predictions.json").read_text()), gold)
             for name in run_names()}
