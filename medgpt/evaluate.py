@@ -17,7 +17,7 @@ from medgpt.metrics import answer_metrics, check_predictions, format_table
 from medgpt.model import check_model_folder, load_saved_model, load_tokenizer
 from medgpt.model_card import export_seq_len
 from medgpt.pubmedqa import DECISIONS, Record, load_records, official_split
-from medgpt.scoring import evaluate_records, write_results
+from medgpt.scoring import cut_contexts_line, evaluate_records, write_results
 
 
 def split_records(request: EvalRequest) -> list[Record]:
@@ -73,9 +73,12 @@ def evaluate_model(request: EvalRequest) -> None:
     if dist.is_main:  # every rank holds all answers; one writes them
         metrics = {**evaluation.metrics, "split": request.split, "fold": request.fold, "mode": request.mode,
                    "model": request.model, "seq_len": request.seq_len}
-        write_results(request.results_dir, evaluation.predictions(records), metrics)
+        write_results(request.results_dir, records, evaluation, metrics)
         print(format_table(metrics, f"{request.model} on PubMedQA {request.split} ({request.mode})"))
-        print(f"wrote {request.results_dir / 'predictions.json'} and metrics.json")
+        if line := cut_contexts_line(metrics, len(records)):
+            print(line)
+        also = ", metrics.json and probabilities.json" if evaluation.answers.probabilities else " and metrics.json"
+        print(f"wrote {request.results_dir / 'predictions.json'}{also}")
     torch.distributed.destroy_process_group()
 
 

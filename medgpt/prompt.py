@@ -32,6 +32,7 @@ def answer_text(decision: str, long_answer: str = "") -> str:
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on prompt positions; the answer tokens (and EOS) otherwise
+    context_cut: int = 0  # context tokens left out to fit max_len
 
 
 def encode_pieces(context_ids: list[int], question_ids: list[int], answer_ids: list[int] | None,
@@ -43,7 +44,7 @@ def encode_pieces(context_ids: list[int], question_ids: list[int], answer_ids: l
         raise UserError(f"question and answer alone take {len(question_ids) + len(completion)} tokens, "
                         f"more than seq_len={max_len}; raise --seq_len")
     prompt = context_ids[:room] + question_ids
-    return Encoded(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
+    return Encoded(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, max(0, len(context_ids) - room))
 
 
 def encode_example(tokenizer: PreTrainedTokenizerBase, question: str, contexts: Sequence[str],

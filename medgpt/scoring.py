@@ -23,7 +23,7 @@ from medgpt.data import eval_loader, shard_positions, to_device
 from medgpt.distributed import Dist
 from medgpt.errors import UserError
 from medgpt.metrics import answer_metrics
-from medgpt.prompt import answer_text, encode_example
+from medgpt.prompt import Encoded, answer_text, encode_example
 from medgpt.pubmedqa import DECISIONS, Record
 
 # Generative mode stops after this many new tokens: the decision is the first word.
@@ -56,11 +56,10 @@ def decision_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [i[0] for i in ids]
 
 
-def prompt_rows(records: list[Record], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> list[dict[str, list[int]]]:
+def prompts(records: list[Record], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> list[Encoded]:
     """The training prompt of each record, truncated exactly as in training: room is left for the
     decision token and EOS, the completion of a decision-only sample."""
-    encoded = [encode_example(tokenizer, r.question, r.contexts, None, max_len=seq_len - 2) for r in records]
-    return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
+    return [encode_example(tokenizer, r.question, r.contexts, None, max_len=seq_len - 2) for r in records]
 
 
 def parse_decision(text: str) -> str | None:
@@ -126,13 +125,17 @@ def evaluate_records(model: Any, tokenizer: PreTrainedTokenizerBase, records: li
                      seq_len: int, batch_size: int, mode: str = "loglik", progress: bool = False) -> Evaluation:
     """Answer every record and score the answers against their final_decision (all ranks
     take part and all get the result)."""
-    rows = prompt_rows(records, tokenizer, seq_len)
+    encoded = prompts(records, tokenizer, seq_len)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
     if mode == "loglik":
         answers = score_loglik(model, rows, dist, batch_size, tokenizer.eos_token_id, decision_token_ids(tokenizer),
                                progress)
     else:
         answers = score_generate(model, tokenizer, rows, dist, seq_len, progress)
-    return Evaluation(answers, answer_metrics([r.final_decision for r in records], answers.decisions))
+    metrics = answer_metrics([r.final_decision for r in records], answers.decisions)
+    # Scores of prompts whose contexts were cut are scores of less evidence: said, with the seq_len.
+    metrics["contexts_cut"] = {"prompts": sum(1 for e in encoded if e.context_cut), "seq_len": seq_len}
+    return Evaluation(answers, metrics)
 
 
 def metric_scalars(evaluation: Evaluation, prefix: str) -> dict[str, float]:
@@ -143,9 +146,25 @@ def metric_scalars(evaluation: Evaluation, prefix: str) -> dict[str, float]:
             for name in ("accuracy", "macro_f1")}
 
 
-def write_results(output_dir: Path, predictions: dict[str, str | None], metrics: dict[str, Any],
+def write_results(output_dir: Path, records: list[Record], evaluation: Evaluation, metrics: dict[str, Any],
                   prefix: str = "") -> None:
-    """``<prefix>predictions.json`` ({pmid: decision}, the official format) and ``<prefix>metrics.json``."""
+    """``<prefix>predictions.json`` ({pmid: decision}, the official format), ``<prefix>metrics.json`` and,
+    for log-likelihood scoring, ``<prefix>probabilities.json`` ({pmid: {yes, no, maybe}}: near-ties and
+    comparisons between models without rerunning them)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"{prefix}predictions.json").write_text(json.dumps(predictions, indent=1))
+    (output_dir / f"{prefix}predictions.json").write_text(json.dumps(evaluation.predictions(records), indent=1))
     (output_dir / f"{prefix}metrics.json").write_text(json.dumps(metrics, indent=2))
+    probabilities = evaluation.answers.probabilities
+    if probabilities is not None:
+        (output_dir / f"{prefix}probabilities.json").write_text(json.dumps(
+            {r.pubid: dict(zip(DECISIONS, p, strict=True)) for r, p in zip(records, probabilities, strict=True)},
+            indent=1))
+
+
+def cut_contexts_line(metrics: dict[str, Any], total: int) -> str | None:
+    """The console line for prompts whose contexts did not fit (None: all fitted)."""
+    cut = metrics["contexts_cut"]
+    if not cut["prompts"]:
+        return None
+    return (f"medgpt: {cut['prompts']} of {total} prompts had their contexts cut to fit seq_len {cut['seq_len']} "
+            "(the question never is); their answers rest on less evidence")

@@ -35,7 +35,7 @@ from medgpt.provenance import run_provenance
 from medgpt.pubmedqa import Record
 from medgpt.resume import ResumePlan, best_checkpoint, plan_resume
 from medgpt.run_lock import lock_output_dir
-from medgpt.scoring import evaluate_records, metric_scalars, write_results
+from medgpt.scoring import cut_contexts_line, evaluate_records, metric_scalars, write_results
 from medgpt.startup import (
     Data,
     Engine,
@@ -180,7 +180,9 @@ def _score_test(engine: deepspeed.DeepSpeedEngine, tokenizer: PreTrainedTokenize
     test = evaluate_records(engine, tokenizer, records, dist, cfg.data.seq_len, cfg.train.eval_batch_size,
                             progress=dist.is_main and sys.stderr.isatty())  # a bar in a file: a line per redraw
     if dist.is_main:
-        write_results(Path(cfg.train.output_dir), test.predictions(records), test.metrics, prefix="test_")
+        write_results(Path(cfg.train.output_dir), records, test, test.metrics, prefix="test_")
+        if line := cut_contexts_line(test.metrics, len(records)):
+            print(line, flush=True)
         logger.log(step, metric_scalars(test, "test"))
         logger.close()
         mark_finished(final, "test")

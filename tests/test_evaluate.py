@@ -27,6 +27,7 @@ from conftest import (
     tensorboard_text,
     tiny_args,
 )
+from medgpt.config import RECORD_KEYS
 from medgpt.data import collate
 from medgpt.inference import answer_question
 from medgpt.loss import count_label_tokens, label_loss_sum
@@ -142,6 +143,27 @@ def test_predictions_hold_exactly_the_official_test_pmids(test_split_run):
     assert metrics["num_questions"] == 500 and metrics["split"] == "test" and metrics["unparsed"] == 0
     assert sum(map(sum, metrics["confusion_matrix"]["counts"])) == 500
     assert "macro-F1" in proc.stdout and "majority baseline" in proc.stdout
+
+
+@pytest.mark.e2e
+def test_evaluation_writes_its_probabilities_and_says_which_contexts_it_cut(test_split_run):
+    """Before: the three probabilities were computed and dropped, and the cut prompts went unmentioned."""
+    out, proc = test_split_run
+    predictions, probabilities = read_json(out / "predictions.json"), read_json(out / "probabilities.json")
+    assert probabilities.keys() == predictions.keys()
+    for pmid, probs in probabilities.items():
+        assert list(probs) == ["yes", "no", "maybe"] and math.isclose(sum(probs.values()), 1, rel_tol=1e-5)
+        assert max(probs, key=probs.get) == predictions[pmid]
+    # An independent count: the prompts whose contexts and question exceed seq_len minus the answer's 2.
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    records = load_records(str(ORI_JSON))
+    test = [records[i] for i in official_split(records, 0).test]
+    cut = sum(len(tokenizer.encode(context_text(r.contexts))) + len(tokenizer.encode(question_text(r.question)))
+              > SEQ_LEN - 2 for r in test)
+    assert 0 < cut < 500
+    assert read_json(out / "metrics.json")["contexts_cut"] == {"prompts": cut, "seq_len": SEQ_LEN}
+    assert (f"medgpt: {cut} of 500 prompts had their contexts cut to fit seq_len {SEQ_LEN} (the question never "
+            "is); their answers rest on less evidence") in proc.stdout
 
 
 @pytest.mark.e2e
@@ -337,7 +359,8 @@ def test_the_export_explains_itself(trained_run):
     assert f"majority baseline (always 'yes'): accuracy {test['majority_baseline']['accuracy']:.3f}" in body
     assert "fold 0" in body and "| seq_len | 384 |" in body and "4 optimizer steps" in body
     card_config = yaml.safe_load(body.split("```yaml\n")[1].split("```")[0])
-    assert card_config == yaml.safe_load((out / "config.yaml").read_text())
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert card_config == {section: fields for section, fields in saved.items() if section not in RECORD_KEYS}
     assert read_json(out / "export" / "config.json")["medgpt"] == {
         "seq_len": 384, "prompt_format": PROMPT_FORMAT_VERSION, "fold": 0, "long_answer": False, "step": 4}
 
