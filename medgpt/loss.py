@@ -14,9 +14,12 @@ import torch.nn.functional as F
 
 from medgpt.prompt import IGNORE_INDEX
 
-# What a batch may hold for the model: attention_mask (padded samples) or position_ids (packed
-# samples; no attention_mask, so that transformers confines attention to each sample).
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# What the model gets of a batch: input_ids, and position_ids for packed samples (from whose restarts
+# transformers confines attention to each sample). Never the attention_mask: rows are right-padded,
+# so under the causal mask no real token sees a pad, and pads carry no loss; without a mask
+# transformers' SDPA path runs with is_causal=True (FlashAttention on a GPU) and builds no mask from
+# device tensors in Python (masking_utils.py). Loss and gradients equal the masked ones (tested).
+MODEL_INPUTS = ("input_ids", "position_ids")
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:

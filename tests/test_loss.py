@@ -1,4 +1,5 @@
-"""The LM head is computed only where labels are: same loss and gradients as the full head."""
+"""The training loss: the LM head only where labels are, and no attention mask for right-padded rows
+(medgpt/loss.py), give the loss and gradients of the full head with the mask."""
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -8,7 +9,7 @@ from medgpt.loss import count_label_tokens, label_loss_sum
 from medgpt.prompt import IGNORE_INDEX
 
 
-def test_label_positions_only_head_matches_full_head():
+def test_the_training_loss_equals_the_full_head_with_the_attention_mask():
     torch.manual_seed(0)
     config = GPT2Config.from_json_file(str(TINY_MODEL))
     config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0  # two forwards, same masks
@@ -23,7 +24,7 @@ def test_label_positions_only_head_matches_full_head():
     labels[2, 39] = input_ids[2, 39]
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-    fast = label_loss_sum(model, batch)
+    fast = label_loss_sum(model, batch)  # sees no attention_mask: the batch's is for scoring
     fast.backward()
     fast_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
