@@ -29,6 +29,10 @@ from conftest import (
     tiny_args,
     wait_for_first_step,
 )
+from medgpt.config import build_parser, parse_config
+from medgpt.errors import UserError
+from medgpt.resume import plan_resume
+from medgpt.startup import check_inputs
 
 pytestmark = pytest.mark.e2e
 
@@ -77,12 +81,19 @@ def test_a_changed_lr_on_resume_is_used_from_the_next_step_and_recorded(runs, tm
     assert "step 5: lr 0.001 -> 0.0005" in tensorboard_text(resumed, "resume/changed_settings")
 
 
-def test_rerun_of_another_run_in_the_same_folder_is_refused(runs, data_cache):
+def test_rerun_of_another_run_in_the_same_folder_is_refused(runs, data_cache, monkeypatch):
     """A finished run asked again with another fold, seed and seq_len, and in another precision:
-    before, it said "nothing to do" and left the first run's test scores as if they were this one's."""
+    before, it said "nothing to do" and left the first run's test scores as if they were this one's.
+    The start-up checks and the plan run here, in-process (a refused process: tests/test_bad_input.py)."""
     run = runs(0)
     before = snapshot(run)
-    errors = refused(launch(ckpt_args(run, data_cache, 0, fold=3, seed=7, seq_len=256, precision="bf16")))
+    for variable, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(variable, value)
+    cfg = parse_config(ckpt_args(run, data_cache, 0, fold=3, seed=7, seq_len=256, precision="bf16"), build_parser())
+    inputs = check_inputs(cfg)
+    with pytest.raises(UserError) as refusal:
+        plan_resume(cfg, inputs.checkpoint, inputs.model_config, inputs.definition, world_size=1, report=False)
+    errors = refusal.value.problems
     assert len(errors) == 2, errors
     assert "belongs to another run" in errors[0] and "another --output_dir" in errors[0]
     for part in ("--fold: checkpoint 0, this run 3", "--seed: checkpoint 42, this run 7",
