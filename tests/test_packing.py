@@ -236,7 +236,8 @@ def test_two_rank_packed_run_trains(prepared_then_trained):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("change, fix", [(dict(packing="off"), "resume with --packing on"),
-                                         (dict(packing="on", seq_len=512), "resume with the same --seq_len")])
+                                         # seq_len defines the run (medgpt/resume_settings.py), packed or not
+                                         (dict(packing="on", seq_len=512), "--seq_len: checkpoint 384, this run 512")])
 def test_resume_with_other_packing_is_refused(prepared_then_trained, data_cache, change, fix):
     *_, out = prepared_then_trained
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
