@@ -34,16 +34,15 @@ PROGRAMS = REPO / "tests" / "programs"  # helper programs the tests run in proce
 # join one group; the SLURM tests join one, so one SLURM cluster runs at a time.
 SHARED_GROUPS = {"test_checkpoint.py": "checkpoint-runs", "test_checkpoint_integrity.py": "checkpoint-runs"}
 # Each group's worker seconds in a full run (a fresh clone, 2 workers on 2 cores, AMD EPYC,
-# 2026-12-03, from MEDGPT_TEST_TIMES; test_scale.py without a 617 s hang fixed since). Groups start
-# longest first (`--no-loadscope-reorder` keeps this order; xdist's own puts the most *tests*
-# first): the last group to start is a short one, so neither worker idles long at the end.
-# Unlisted groups (seconds or less): last.
+# 2026-12-03, from MEDGPT_TEST_TIMES). Groups start longest first (`--no-loadscope-reorder` keeps
+# this order; xdist's own puts the most *tests* first): the last group to start is a short one, so
+# neither worker idles long at the end. Unlisted groups (seconds or less): last.
 GROUP_SECONDS: dict[str, float] = {
-    "checkpoint-runs": 849, "test_signals.py": 539, "slurm": 462, "test_gpu_readiness.py": 358,
-    "test_docs.py": 352, "test_scale.py": 327, "test_train.py": 254, "test_evaluate.py": 220, "test_best.py": 163,
-    "test_lora.py": 110, "test_sweep.py": 109, "test_bench.py": 104, "test_bad_input.py": 103, "test_report.py": 57,
-    "test_pqa_artificial.py": 55, "test_packing.py": 51, "netns": 44, "test_safe_load.py": 23,
-    "test_throughput.py": 20, "test_plan.py": 17,
+    "checkpoint-runs": 1069, "test_gpu_readiness.py": 656, "test_scale.py": 649, "test_signals.py": 642,
+    "test_docs.py": 367, "test_train.py": 366, "slurm": 358, "test_bench.py": 352, "test_evaluate.py": 340,
+    "test_best.py": 224, "test_sweep.py": 184, "test_bad_input.py": 175, "test_report.py": 143, "test_lora.py": 141,
+    "test_packing.py": 115, "test_disk_full.py": 110, "test_pqa_artificial.py": 79, "test_throughput.py": 77,
+    "netns": 50, "test_safe_load.py": 50, "test_run_lock.py": 45, "test_plan.py": 30,
 }
 
 

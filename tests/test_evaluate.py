@@ -382,6 +382,7 @@ def test_every_record_says_where_the_numbers_come_from(trained_run):
     assert "PubMedQA pqa_labeled, official split, fold 0: 450 training / 50 dev questions" in card
 
 
+@pytest.mark.e2e
 def test_an_unscored_checkpoint_exports_a_card_without_scores(trained_run, tmp_path):
     out, _ = trained_run
     proc = launch(["--checkpoint", str(out / "checkpoints" / "step2"), "--output_dir", str(tmp_path / "hf")],
