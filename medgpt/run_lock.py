@@ -16,11 +16,13 @@ import errno
 import fcntl
 import os
 import socket
+import time
 from pathlib import Path
 
 from medgpt.errors import UserError
 
 LOCK_FILE = ".medgpt.lock"
+LOCK_TRIES, LOCK_RETRY_S = 10, 0.1
 _held: list[int] = []  # this process's lock descriptors: open until it exits
 
 
@@ -49,18 +51,29 @@ def lock_holder(output_dir: str | Path) -> str | None:
     return None
 
 
+def _lock_exclusive(fd: int) -> bool:
+    """The exclusive lock, or False while a run holds it. A checker (``lock_holder``, a sweep's start)
+    holds a shared lock for microseconds: a few tries over a second outlast it."""
+    for attempt in range(LOCK_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+        if attempt < LOCK_TRIES - 1:
+            time.sleep(LOCK_RETRY_S)
+    return False
+
+
 def lock_output_dir(output_dir: str | Path) -> None:
     """Take output_dir's lock for the rest of this process, or refuse (exit 2) if a run holds it."""
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
+    if not _lock_exclusive(fd):
         os.close(fd)
-        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise
         holder = _holder(path)
         raise UserError(f"output_dir '{folder}' is in use by another run ({holder}): one run writes to a folder "
                         "at a time. Wait for that run to end (or stop it), or use another --output_dir") from None

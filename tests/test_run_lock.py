@@ -1,16 +1,18 @@
 """One writer per output_dir (medgpt/run_lock.py): held by a live process only, refused while held."""
+import fcntl
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from conftest import REPO, launch, refused, run_pids, running, tiny_args, wait_for_first_step
 from medgpt.errors import UserError
-from medgpt.run_lock import lock_holder, lock_output_dir
+from medgpt.run_lock import LOCK_FILE, lock_holder, lock_output_dir
 
 HOLD = ("import sys; from medgpt.run_lock import lock_output_dir; lock_output_dir(sys.argv[1]); "
         "print('held', flush=True); input()")
@@ -31,6 +33,17 @@ def test_a_held_folder_is_refused_and_freed_when_its_holder_is_killed(tmp_path):
         holder.wait()
     assert lock_holder(folder) is None
     lock_output_dir(folder)  # this test's process holds it now, until it exits
+    assert lock_holder(folder) == f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def test_a_checker_looking_at_the_same_moment_does_not_refuse_the_run(tmp_path):
+    """lock_holder (a sweep's start) holds a shared lock while it looks: the run waits it out."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    checker = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(checker, fcntl.LOCK_SH)
+    threading.Timer(0.3, os.close, args=(checker,)).start()  # closing drops its lock
+    lock_output_dir(folder)  # was: refused at once, naming nobody
     assert lock_holder(folder) == f"pid {os.getpid()} on {socket.gethostname()}"
 
 
