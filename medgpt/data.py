@@ -43,6 +43,8 @@ CACHE_VERSION = 2
 PACKING_VERSION = 2
 # Token ids fit int32 (GPT-2: 50,257): half the cache of datasets' default int64.
 TOKENS = datasets.Sequence(datasets.Value("int32"))
+# Tokenized rows: a datasets.Dataset, or a list of the same dicts (scoring's prompts).
+Rows = datasets.Dataset | Sequence[dict[str, list[int]]]
 TOKENIZED = datasets.Features({"pubid": datasets.Value("string"), "input_ids": TOKENS, "labels": TOKENS,
                                "length": datasets.Value("int32")})
 PACKED = datasets.Features({"rows": datasets.Sequence(datasets.Value("int64")), "input_ids": TOKENS,
@@ -361,18 +363,28 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def shard_positions(num_rows: int, dist: Dist) -> list[int]:
-    """The dataset positions :func:`eval_loader` gives this rank, in order; positions past the end
-    (``>= num_rows``) are filler rows."""
+    """This rank's strided share of ``num_rows`` dataset positions; positions past the end
+    (``>= num_rows``) are filler rows, so that every rank gets as many."""
     per_rank = math.ceil(num_rows / dist.world_size)
     return list(range(dist.rank, per_rank * dist.world_size, dist.world_size))
 
 
-def eval_loader(dataset: datasets.Dataset, dist: Dist, batch_size: int, pad_id: int) -> DataLoader:
-    """This rank's strided shard, in order. Every rank gets the same number of rows (ZeRO-3 needs
-    all ranks in every forward): short shards are topped up with a row whose labels are all
-    ignored, so it adds nothing to any sum."""
+def eval_positions(dataset: Rows, dist: Dist) -> list[int]:
+    """The dataset positions :func:`eval_loader` gives this rank, in its order: the rank's shard,
+    longest row first. A batch pads to its longest row, so batching rows of about one length
+    computes less padding (PubMedQA's prompts run from ~100 to over 1,000 tokens), and the LM head
+    runs at fewer distinct last positions (scoring.decision_probabilities); longest first, a batch
+    too big for memory fails at once. Filler rows last."""
+    shard = shard_positions(len(dataset), dist)
+    return sorted(shard, key=lambda pos: -len(dataset[pos]["input_ids"]) if pos < len(dataset) else 0)
+
+
+def eval_loader(dataset: Rows, dist: Dist, batch_size: int, pad_id: int) -> DataLoader:
+    """This rank's shard in :func:`eval_positions` order. Every rank gets the same number of rows
+    (ZeRO-3 needs all ranks in every forward): short shards are topped up with a row whose labels
+    are all ignored, so it adds nothing to any sum."""
     rows = []
-    for pos in shard_positions(len(dataset), dist):
+    for pos in eval_positions(dataset, dist):
         if pos < len(dataset):
             rows.append(dataset[pos])
         else:

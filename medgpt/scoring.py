@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from medgpt.data import eval_loader, shard_positions, to_device
+from medgpt.data import eval_loader, eval_positions, shard_positions, to_device
 from medgpt.distributed import Dist
 from medgpt.errors import UserError
 from medgpt.metrics import answer_metrics
@@ -72,10 +72,12 @@ def decision_probabilities(model: Callable[..., Any], batch: dict[str, torch.Ten
                            decision_ids: list[int]) -> torch.Tensor:
     """[rows, 3] softmax over the three decision logits at each row's last real position."""
     last = batch["attention_mask"].sum(dim=1) - 1  # rows are right-padded
-    # The LM head runs only at the positions needed (rows share one index list).
-    keep, column = torch.unique(last, return_inverse=True)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    return logits[torch.arange(len(last)), column][:, decision_ids].float().softmax(dim=-1)
+    # The LM head (vocabulary-wide: most of a small model's cost) runs at each row's own last
+    # position only: a 2-D logits_to_keep holds positions per row (transformers'
+    # modeling_utils.slice_logits_to_keep).
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=last[:, None]).logits[:, 0]
+    return logits[:, decision_ids].float().softmax(dim=-1)
 
 
 def _gather_in_order(local: Iterable[tuple[int, Any]], dist: Dist) -> list[Any]:
@@ -89,7 +91,7 @@ def score_loglik(model: Any, rows: list[dict[str, list[int]]], dist: Dist, batch
     """Log-likelihood answers to prompt ``rows`` (every rank: its shard, same number of forwards)."""
     was_training = model.training
     model.eval()
-    positions = iter(shard_positions(len(rows), dist))
+    positions = iter(eval_positions(rows, dist))
     local = []
     for batch in tqdm(eval_loader(rows, dist, batch_size, pad_id), desc="score", unit="batch", disable=not progress):
         batch = to_device(batch, dist.device)
