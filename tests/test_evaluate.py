@@ -5,7 +5,10 @@ import math
 import re
 import shutil
 import socket
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +26,7 @@ from conftest import (
     check_ok,
     checkout_commit,
     launch,
+    launch_env,
     read_scalars,
     tensorboard_text,
     tiny_args,
@@ -132,6 +136,43 @@ def test_split_run(trained, tmp_path_factory):
     proc = evaluate(trained[0], out, "--eval_batch_size", "8")
     check_ok(proc)
     return out, proc
+
+
+@pytest.mark.e2e
+def test_lm_eval_scores_the_written_task_as_medgpt_does(trained, tmp_path):
+    """lm-evaluation-harness on the task evaluate.py writes: the official test questions, the
+    same answer to each, and the same three probabilities (lm-eval's log-likelihoods, renormalised
+    over the three answers). lm-eval computes the vocabulary-wide logits of every position (1.5 min
+    for all 500 here): the first 100 questions (--limit), at seq_len 128, where every test prompt is
+    cut (496 of 500) and none re-tokenizes otherwise. Different batches pad differently: fp32 sums
+    in another order, 1e-4."""
+    out = tmp_path / "eval"
+    proc = evaluate(trained[0], out, "--seq_len", "128")
+    check_ok(proc)
+    task = out / "lm_eval_task"
+    assert f"--include_path {task} --tasks pubmedqa_medgpt" in proc.stdout
+    assert "tokenize to other ids" not in proc.stdout
+    lm_eval = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
+               f"pretrained={trained[0]},dtype=float32", "--include_path", str(task), "--tasks", "pubmedqa_medgpt",
+               "--device", "cpu", "--batch_size", "32", "--limit", "100", "--log_samples",
+               "--output_path", str(tmp_path / "lm_eval")]
+    run = subprocess.run(lm_eval, env=launch_env({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}),
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    samples = [json.loads(line) for path in (tmp_path / "lm_eval").rglob("samples_pubmedqa_medgpt_*.jsonl")
+               for line in path.read_text().splitlines()]
+    want = read_json(out / "probabilities.json")
+    task_rows = [json.loads(line) for line in (task / "test.jsonl").read_text().splitlines()]
+    assert sorted(row["pubid"] for row in task_rows) == sorted(want) and len(task_rows) == 500
+    assert [s["doc"]["pubid"] for s in sorted(samples, key=lambda s: s["doc_id"])] == [
+        row["pubid"] for row in task_rows[:100]]
+    predictions = read_json(out / "predictions.json")
+    for sample in samples:
+        logliks = torch.tensor([float(loglik) for loglik, _ in sample["filtered_resps"]], dtype=torch.float64)
+        got = dict(zip(("yes", "no", "maybe"), logliks.softmax(dim=0).tolist(), strict=True))
+        pubid = sample["doc"]["pubid"]
+        assert got == pytest.approx(want[pubid], abs=1e-4), pubid
+        assert ("yes", "no", "maybe")[int(logliks.argmax())] == predictions[pubid], pubid
 
 
 @pytest.mark.e2e
