@@ -2,7 +2,7 @@
 
 The YAML file is grouped by section (``model:``, ``data:``, ``optim:``, ``train:``); on the
 command line every field is a flat flag (``--lr``, ``--fold``), so field names are unique
-across sections. Everything is validated once, in :func:`Config.validate`, before any work.
+across sections. Everything is validated once, in :func:`parse_config` (:meth:`Config.problems`), before any work.
 """
 from __future__ import annotations
 
@@ -156,12 +156,6 @@ class Config:
             known = {f.name for f in dataclasses.fields(section)}
             sections[name] = section(**{k: v for k, v in saved.get(name, {}).items() if k in known})
         return cls(**sections)
-
-    def validate(self) -> None:
-        """Check every field once; report all problems together."""
-        problems = self.problems()
-        if problems:
-            raise UserError(*problems)
 
     def problems(self) -> list[str]:
         """Every problem of the field values, one sentence each (a field is named at most once)."""

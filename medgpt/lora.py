@@ -1,7 +1,7 @@
 """LoRA through peft: low-rank adapters on GPT-2's Conv1D projections, the model itself frozen.
 
 peft is an optional extra (``pip install 'medgpt[lora]'``): it is imported only when an adapter
-is asked for, so full fine-tuning runs without it (``Config.validate`` reports a missing peft).
+is asked for, so full fine-tuning runs without it (``Config.problems`` reports a missing peft at start).
 
 Under ZeRO-3 a pretrained model is already partitioned when the adapters are added (it loads inside
 zero.Init): peft reads a partitioned Conv1D's shape from ``weight.ds_shape`` (peft/tuners/

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from medgpt.errors import PREEMPTED_EXIT, STALLED_EXIT  # noqa: F401 (PREEMPTED_EXIT re-exported for the loop)
+from medgpt.errors import STALLED_EXIT
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 LAUNCHER_POLL_S = 1.0  # how often a rank under the deepspeed launcher checks that the launcher still runs

@@ -25,11 +25,11 @@ from medgpt.checkpoint import TrainState, describe_history, load_checkpoint, mar
 from medgpt.config import Config, TrainConfig
 from medgpt.data import to_device
 from medgpt.distributed import Dist, exit_on_collective_timeout, init_distributed
-from medgpt.errors import TrainingDiverged
+from medgpt.errors import PREEMPTED_EXIT, TrainingDiverged
 from medgpt.export import export_checkpoint
 from medgpt.loss import count_label_tokens, label_loss_sum
 from medgpt.metrics import score_line
-from medgpt.preemption import PREEMPTED_EXIT, StopRequest, watch_deepspeed_launcher
+from medgpt.preemption import StopRequest, watch_deepspeed_launcher
 from medgpt.progress import Progress
 from medgpt.provenance import run_provenance
 from medgpt.pubmedqa import Record
