@@ -21,6 +21,7 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -50,6 +51,7 @@ TOKENIZED = datasets.Features({"pubid": datasets.Value("string"), "input_ids": T
 PACKED = datasets.Features({"rows": datasets.Sequence(datasets.Value("int64")), "input_ids": TOKENS,
                             "labels": TOKENS, "sample_lengths": TOKENS})
 PACKS_PER_WRITE = 10_000  # packs assembled in memory at a time
+TOKENIZE_BATCH = 1_000  # records tokenized (and written) at a time
 
 
 def _cache_root(cfg: DataConfig) -> Path:
@@ -81,32 +83,31 @@ def cache_key(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: Da
                         tokenizer.eos_token_id, cfg.seq_len, cfg.long_answer])
 
 
-def _encode_batch(batch: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> dict[str, list]:
-    """One datasets.map batch: the pieces tokenized in one call each (the fast tokenizer's batch
-    encode runs on every core), then joined and truncated per record."""
-    contexts, questions, answers = (tokenizer(batch[k])["input_ids"] for k in ("context", "question", "answer"))
-    out: dict[str, list] = {"pubid": batch["pubid"], "input_ids": [], "labels": [], "length": []}
+def _encode_batch(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> dict[str, list]:
+    """Records tokenized: each piece of the batch in one call (the fast tokenizer's batch encode
+    runs on every core), then joined and truncated per record."""
+    answers = [answer_text(r.final_decision, r.long_answer if cfg.long_answer else "") for r in records]
+    contexts, questions, answers = (tokenizer(texts)["input_ids"] for texts in (
+        [context_text(r.contexts) for r in records], [question_text(r.question) for r in records], answers))
+    out: dict[str, list] = {"pubid": [r.pubid for r in records], "input_ids": [], "labels": [], "length": []}
     for c, q, a in zip(contexts, questions, answers, strict=True):
-        enc = encode_pieces(c, q, a, tokenizer.eos_token_id, seq_len)
+        enc = encode_pieces(c, q, a, tokenizer.eos_token_id, cfg.seq_len)
         out["input_ids"].append(enc.input_ids)
         out["labels"].append(enc.labels)
         out["length"].append(len(enc.input_ids))
     return out
 
 
-def _tokenize(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, key: str,
-              folder: Path) -> None:
-    """All records tokenized, in record order, written as arrow files into ``folder``."""
-    texts = datasets.Dataset.from_dict({
-        "pubid": [r.pubid for r in records], "context": [context_text(r.contexts) for r in records],
-        "question": [question_text(r.question) for r in records],
-        "answer": [answer_text(r.final_decision, r.long_answer if cfg.long_answer else "") for r in records]})
-    # One process: the fast tokenizer's batch encode already runs on every core, and num_proc would
-    # pickle the in-memory texts to each worker. new_fingerprint: the key says what the output
-    # depends on (datasets would hash the tokenizer).
-    texts.map(_encode_batch, fn_kwargs={"tokenizer": tokenizer, "seq_len": cfg.seq_len}, batched=True,
-              remove_columns=["context", "question", "answer"], features=TOKENIZED, new_fingerprint=key,
-              cache_file_name=str(folder / "data.arrow"), desc="tokenizing")
+def _tokenize(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, folder: Path) -> None:
+    """All records tokenized, in record order, written a batch at a time into ``folder``'s arrow
+    file: no copy of every text, and no list of every token, is ever held in memory."""
+    with ArrowWriter(path=str(folder / "data.arrow"), features=TOKENIZED) as writer, \
+            tqdm(total=len(records), desc="tokenizing", unit="question", disable=len(records) < TOKENIZE_BATCH) as bar:
+        for start in range(0, len(records), TOKENIZE_BATCH):
+            batch = records[start:start + TOKENIZE_BATCH]
+            writer.write_batch(_encode_batch(batch, tokenizer, cfg))
+            bar.update(len(batch))
+        writer.finalize()
 
 
 def _tokenized_path(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> Path:
@@ -138,7 +139,7 @@ def tokenized_dataset(records: list[Record], tokenizer: PreTrainedTokenizerBase,
     """All records tokenized, in record order (columns pubid, input_ids, labels, length). Built
     once per machine, then reused by every later run."""
     path = _tokenized_path(records, tokenizer, cfg)
-    return _build_once(path, lambda folder: _tokenize(records, tokenizer, cfg, path.name, folder), dist)
+    return _build_once(path, lambda folder: _tokenize(records, tokenizer, cfg, folder), dist)
 
 
 class _Rooms:
