@@ -34,15 +34,15 @@ PROGRAMS = REPO / "tests" / "programs"  # helper programs the tests run in proce
 # join one group; the SLURM tests join one, so one SLURM cluster runs at a time.
 SHARED_GROUPS = {"test_checkpoint.py": "checkpoint-runs", "test_checkpoint_integrity.py": "checkpoint-runs"}
 # Each group's worker seconds in a full run (a fresh clone, 2 workers on 2 cores, AMD EPYC,
-# 2026-12-03, from MEDGPT_TEST_TIMES). Groups start longest first (`--no-loadscope-reorder` keeps
+# 2026-12-03, run F, from MEDGPT_TEST_TIMES). Groups start longest first (`--no-loadscope-reorder` keeps
 # this order; xdist's own puts the most *tests* first): the last group to start is a short one, so
 # neither worker idles long at the end. Unlisted groups (seconds or less): last.
 GROUP_SECONDS: dict[str, float] = {
-    "checkpoint-runs": 1069, "test_gpu_readiness.py": 656, "test_scale.py": 649, "test_signals.py": 642,
-    "test_docs.py": 367, "test_train.py": 366, "slurm": 358, "test_bench.py": 352, "test_evaluate.py": 340,
-    "test_best.py": 224, "test_sweep.py": 184, "test_bad_input.py": 175, "test_report.py": 143, "test_lora.py": 141,
-    "test_packing.py": 115, "test_disk_full.py": 110, "test_pqa_artificial.py": 79, "test_throughput.py": 77,
-    "netns": 50, "test_safe_load.py": 50, "test_run_lock.py": 45, "test_plan.py": 30,
+    "checkpoint-runs": 979, "test_signals.py": 542, "test_scale.py": 498, "test_gpu_readiness.py": 355,
+    "test_evaluate.py": 338, "slurm": 290, "test_docs.py": 224, "test_train.py": 187, "test_best.py": 132,
+    "test_lora.py": 119, "test_sweep.py": 113, "test_bad_input.py": 102, "test_bench.py": 92,
+    "test_disk_full.py": 68, "test_packing.py": 64, "test_report.py": 58, "test_pqa_artificial.py": 42,
+    "netns": 36, "test_run_lock.py": 33, "test_safe_load.py": 28, "test_plan.py": 20,
 }
 
 
