@@ -186,8 +186,11 @@ def report(problems: list[str], rank: int) -> None:
     deepspeed) end this one, and an early exit here would instead end rank 0 before it printed.
     A rank that outlives the wait found a problem rank 0 did not (its own node's files): it says so."""
     if rank > 0:
-        for signum in (signal.SIGTERM, signal.SIGINT):  # the launcher's SIGTERM (or Ctrl-C) ends the wait
-            signal.signal(signum, signal.SIG_DFL)
+        # The launcher's SIGTERM (or Ctrl-C) ends the wait, through exit_process with the code of an
+        # end by that signal: the rank's atexit handlers still run. (Killed by the signal's default
+        # action, a rank left its 64 MiB /dev/shm buffer behind at every failed deepspeed launch.)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda received, _frame: exit_process(128 + received))
         time.sleep(OTHER_RANK_REPORT_DELAY_S)
     where = f" (rank {rank})" if rank > 0 else ""
     for problem in problems:

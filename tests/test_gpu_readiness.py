@@ -5,6 +5,7 @@ import functools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import PROGRAMS, REPO, TINY_MODEL, check_ok, error_lines, launch, read_scalars, refused, tiny_args
 from medgpt.config import Config
-from medgpt.distributed import choose_device
+from medgpt.distributed import choose_device, free_port
 from medgpt.ds_config import load_ds_config, resolve_ds_config
 from medgpt.errors import DIVERGED_EXIT, UserError
 
@@ -140,11 +141,14 @@ def test_diverging_run_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path
 
 @pytest.mark.e2e
 def test_diverging_run_under_the_deepspeed_launcher_exits_3(tmp_path, data_cache):
-    out = tmp_path / "run"
+    """Rank 0 reports and exits 3; launch.py then SIGTERMs rank 1 in its report wait, which must
+    still end through its exit handlers: before, it was killed and left its /dev/shm buffer."""
+    out, port = tmp_path / "run", free_port()
     proc = launch(tiny_args(out, data_cache, lr=float("1e30"), warmup_steps=0, max_steps=4, eval_every=0),
-                  launcher="deepspeed", nproc=2)
+                  launcher="deepspeed", nproc=2, master_port=port)
     assert proc.returncode == DIVERGED_EXIT, proc.stderr[-3000:]
     assert not (out / "export").exists()
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 @pytest.mark.e2e  # a process that imports torch: seconds
