@@ -19,7 +19,7 @@ from medgpt.metrics import answer_metrics, check_predictions, format_table
 from medgpt.model import check_model_folder, load_saved_model, load_tokenizer
 from medgpt.model_card import export_seq_len
 from medgpt.pubmedqa import DECISIONS, Record, load_records, official_split
-from medgpt.scoring import cut_contexts_line, evaluate_records, prompts, write_results
+from medgpt.scoring import cut_contexts_line, evaluate_records, write_results
 
 
 def split_records(request: EvalRequest) -> list[Record]:
@@ -82,7 +82,7 @@ def evaluate_model(request: EvalRequest) -> None:
         also = ", metrics.json and probabilities.json" if evaluation.answers.probabilities else " and metrics.json"
         print(f"wrote {request.results_dir / 'predictions.json'}{also}")
         task = request.results_dir / LM_EVAL_FOLDER
-        retokenized = write_lm_eval_task(task, records, prompts(records, tokenizer, request.seq_len), tokenizer)
+        retokenized = write_lm_eval_task(task, records, evaluation.prompts, tokenizer)
         print(f"wrote these prompts as an lm-evaluation-harness task ({task}); score with:\n  "
               + lm_eval_command(request.model, task))
         if retokenized:

@@ -41,6 +41,7 @@ class Answers:
 class Evaluation:
     answers: Answers
     metrics: dict[str, Any]
+    prompts: list[Encoded]  # what was scored, per record (launcher/evaluate.py's lm-eval task)
 
     def predictions(self, records: list[Record]) -> dict[str, str | None]:
         """The official predictions format: {pmid: decision}."""
@@ -137,7 +138,7 @@ def evaluate_records(model: Any, tokenizer: PreTrainedTokenizerBase, records: li
     metrics = answer_metrics([r.final_decision for r in records], answers.decisions)
     # Scores of prompts whose contexts were cut are scores of less evidence: said, with the seq_len.
     metrics["contexts_cut"] = {"prompts": sum(1 for e in encoded if e.context_cut), "seq_len": seq_len}
-    return Evaluation(answers, metrics)
+    return Evaluation(answers, metrics, encoded)
 
 
 def metric_scalars(evaluation: Evaluation, prefix: str) -> dict[str, float]:
