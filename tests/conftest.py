@@ -161,11 +161,17 @@ def running(args: list[str], log: Path, launcher: str = "python", nproc: int = 1
         remove_shm_buffers(port)
 
 
+def shm_buffers(port: int) -> list[Path]:
+    """The DeepSpeed shared-memory buffers of one job, named ..._<uid>_<addr>_<port>_<rank>
+    (deepspeed/ops/csrc/cpu/comm/shm.cpp:348-366): a rank that exits normally removes its own
+    (medgpt.distributed); a killed one leaves it behind."""
+    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def remove_shm_buffers(port: int) -> None:
-    """The DeepSpeed shared-memory buffers that killed ranks leave behind, named
-    ..._<uid>_<addr>_<port>_<rank> (deepspeed/ops/csrc/cpu/comm/shm.cpp:348-366): those of one job."""
-    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        leftover.unlink(missing_ok=True)  # a rank that exited normally removed its own (medgpt.distributed)
+    """The buffers that killed ranks of one job left behind."""
+    for leftover in shm_buffers(port):
+        leftover.unlink(missing_ok=True)
 
 
 def wait_for_first_step(proc: subprocess.Popen, output_dir: Path, timeout: float = 600) -> None:

@@ -34,13 +34,14 @@ from conftest import (
 from medgpt.config import RECORD_KEYS
 from medgpt.data import collate
 from medgpt.inference import answer_question
+from medgpt.lm_eval_task import write_lm_eval_task
 from medgpt.loss import count_label_tokens, label_loss_sum
 from medgpt.metrics import answer_metrics, majority_label
 from medgpt.model import load_saved_model
 from medgpt.model_card import export_seq_len
 from medgpt.prompt import PROMPT_FORMAT_VERSION, answer_text, context_text, encode_example, question_text
 from medgpt.pubmedqa import load_records, official_split
-from medgpt.scoring import parse_decision
+from medgpt.scoring import parse_decision, prompts
 
 GENERATE_PY = str(REPO / "launcher" / "generate.py")
 SEQ_LEN = 384
@@ -136,6 +137,26 @@ def test_split_run(trained, tmp_path_factory):
     proc = evaluate(trained[0], out, "--eval_batch_size", "8")
     check_ok(proc)
     return out, proc
+
+
+def test_lm_eval_task_marks_prompts_that_tokenize_otherwise_from_text(tmp_path):
+    """At seq_len 256, two official test prompts are cut inside a word: their text comes back as
+    other token ids. Every row is checked against the tokenizer here, independently of the writer."""
+    records = load_records(str(ORI_JSON))
+    test = [records[i] for i in official_split(records, fold=0).test]
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    encoded = prompts(test, tokenizer, 256)
+    assert write_lm_eval_task(tmp_path, test, encoded, tokenizer) == 2
+    rows = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert [row["pubid"] for row in rows] == [r.pubid for r in test]
+    for row, prompt, record in zip(rows, encoded, test, strict=True):
+        assert tokenizer.decode(prompt.input_ids) == row["prompt"]
+        assert row["same_tokens"] == (tokenizer(row["prompt"])["input_ids"] == prompt.input_ids)
+        assert ("yes", "no", "maybe")[row["label"]] == record.final_decision
+    assert sum(not row["same_tokens"] for row in rows) == 2
+    task = yaml.safe_load((tmp_path / "pubmedqa_medgpt.yaml").read_text())
+    assert task["dataset_kwargs"]["data_files"]["test"] == str((tmp_path / "test.jsonl").resolve())
+    assert (task["doc_to_choice"], task["target_delimiter"]) == (["yes", "no", "maybe"], " ")
 
 
 @pytest.mark.e2e

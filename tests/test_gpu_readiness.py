@@ -5,13 +5,23 @@ import functools
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PROGRAMS, REPO, TINY_MODEL, check_ok, error_lines, launch, read_scalars, refused, tiny_args
+from conftest import (
+    PROGRAMS,
+    REPO,
+    TINY_MODEL,
+    check_ok,
+    error_lines,
+    launch,
+    read_scalars,
+    refused,
+    shm_buffers,
+    tiny_args,
+)
 from medgpt.config import Config
 from medgpt.distributed import choose_device, free_port
 from medgpt.ds_config import load_ds_config, resolve_ds_config
@@ -148,7 +158,7 @@ def test_diverging_run_under_the_deepspeed_launcher_exits_3(tmp_path, data_cache
                   launcher="deepspeed", nproc=2, master_port=port)
     assert proc.returncode == DIVERGED_EXIT, proc.stderr[-3000:]
     assert not (out / "export").exists()
-    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not shm_buffers(port)
 
 
 @pytest.mark.e2e  # a process that imports torch: seconds
