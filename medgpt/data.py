@@ -86,9 +86,9 @@ def cache_key(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: Da
 def _encode_batch(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> dict[str, list]:
     """Records tokenized: each piece of the batch in one call (the fast tokenizer's batch encode
     runs on every core), then joined and truncated per record."""
-    answers = [answer_text(r.final_decision, r.long_answer if cfg.long_answer else "") for r in records]
     contexts, questions, answers = (tokenizer(texts)["input_ids"] for texts in (
-        [context_text(r.contexts) for r in records], [question_text(r.question) for r in records], answers))
+        [context_text(r.contexts) for r in records], [question_text(r.question) for r in records],
+        [answer_text(r.final_decision, r.long_answer if cfg.long_answer else "") for r in records]))
     out: dict[str, list] = {"pubid": [r.pubid for r in records], "input_ids": [], "labels": [], "length": []}
     for c, q, a in zip(contexts, questions, answers, strict=True):
         enc = encode_pieces(c, q, a, tokenizer.eos_token_id, cfg.seq_len)
