@@ -381,6 +381,22 @@ def check_same_model(meta: CheckpointMeta, config: PretrainedConfig, tag_dir: Pa
                         "resume it with the --model it was trained with, or start fresh in another --output_dir")
 
 
+# DeepSpeed's 16-bit wrappers at ZeRO-0, which hold the fp32 master weights. medgpt trains bf16 at
+# ZeRO-0 as autocast over fp32 weights now (medgpt.ds_config); checkpoints written before have them.
+HALF_PRECISION_WRAPPERS = ("FP16_UnfusedOptimizer", "FP16_Optimizer")
+
+
+def check_continuable(meta: CheckpointMeta, tag_dir: Path) -> None:
+    """Refuse a checkpoint whose optimizer state this medgpt builds no optimizer for."""
+    if meta.zero_stage == 0 and meta.optimizer in HALF_PRECISION_WRAPPERS:
+        raise UserError(f"checkpoint '{tag_dir}' was trained at ZeRO-0 in {meta.config.train.precision} inside "
+                        f"DeepSpeed's {meta.optimizer}, which this medgpt no longer builds (ZeRO-0 in bf16 is "
+                        "autocast over fp32 weights, with a plain AdamW): its optimizer state cannot be continued. "
+                        f"Export it (python launcher/export.py --checkpoint {tag_dir} --output_dir DIR) and "
+                        "fine-tune from DIR with --model DIR in another --output_dir, or finish the run with the "
+                        "medgpt version that wrote it")
+
+
 def universal_dir(tag_dir: Path) -> Path:
     return tag_dir.parent / f"{tag_dir.name}_universal"
 

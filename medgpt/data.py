@@ -25,9 +25,10 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from medgpt.attention import DOCUMENT_MASK, document_mask
 from medgpt.config import DataConfig
 from medgpt.distributed import Dist
-from medgpt.loss import logit_positions
+from medgpt.loss import count_label_tokens, logit_positions
 from medgpt.prompt import (
     IGNORE_INDEX,
     PROMPT_FORMAT_VERSION,
@@ -313,29 +314,44 @@ def _right_padded(rows: list[dict[str, Any]], pad_id: int) -> tuple[torch.Tensor
     return input_ids, labels, lengths
 
 
+# Per micro-batch, counted on the host when the batch is made (the step then reads nothing back
+# for them): what throughput and the loss normalisation need (medgpt.train.train_step).
+COUNTS = ("answer_tokens", "tokens", "positions", "samples", "length_squares")
+HOST_ONLY = ("sample_lengths", "counts")  # what to_device leaves on the host
+
+
+def _counts(labels: torch.Tensor, sample_lengths: list[int]) -> torch.Tensor:
+    """The batch's COUNTS, float64 (exact for any realistic count)."""
+    return torch.tensor([count_label_tokens(labels), sum(sample_lengths), labels.numel(), len(sample_lengths),
+                         sum(n * n for n in sample_lengths)], dtype=torch.float64)
+
+
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row of the batch; padding carries no loss and no attention.
-    ``sample_lengths`` holds each row's real token count (throughput counts no padding)."""
+    """Right-pad to the longest row of the batch; padding carries no loss. No mask reaches the
+    model in training (medgpt/attention.py); ``attention_mask`` is for scoring, which reads each
+    row's last real position from it. ``sample_lengths`` holds each row's real token count
+    (throughput counts no padding)."""
     input_ids, labels, lengths = _right_padded(rows, pad_id)
     attention_mask = (torch.arange(input_ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "sample_lengths": torch.tensor(lengths), "logit_positions": logit_positions(labels)}
+            "sample_lengths": torch.tensor(lengths), "logit_positions": logit_positions(labels),
+            "counts": _counts(labels, lengths)}
 
 
 def collate_packs(packs: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad packed rows to the longest of the batch. No attention_mask: position ids restart
-    at 0 at each sample, and from those restarts transformers confines attention to each sample
-    (``masking_utils.find_packed_sequence_indices``). The padding is one more segment of its own
-    with ignored labels: it attends only to itself and carries no loss."""
+    """Right-pad packed rows to the longest of the batch. Position ids restart at 0 at each sample;
+    ``document_mask`` keeps attention inside each sample (medgpt/attention.py). The padding is one
+    more segment of its own with ignored labels: it attends only to itself and carries no loss."""
     input_ids, labels, lengths = _right_padded(packs, pad_id)
     width = input_ids.shape[1]
     position_ids = torch.empty_like(input_ids)
     for i, (p, n) in enumerate(zip(packs, lengths, strict=True)):
         segments = p["sample_lengths"] + ([width - n] if width > n else [])
         position_ids[i] = torch.cat([torch.arange(length) for length in segments])
-    sample_lengths = torch.tensor([n for p in packs for n in p["sample_lengths"]], dtype=torch.long)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sample_lengths": sample_lengths,
-            "logit_positions": logit_positions(labels)}
+    samples = [n for p in packs for n in p["sample_lengths"]]
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            DOCUMENT_MASK: document_mask(position_ids), "sample_lengths": torch.tensor(samples, dtype=torch.long),
+            "logit_positions": logit_positions(labels), "counts": _counts(labels, samples)}
 
 
 def _loader_generator() -> torch.Generator:
@@ -359,8 +375,8 @@ def train_loader(dataset: datasets.Dataset, sampler: ResumableDistributedSampler
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A batch on the device, copied asynchronously from pinned memory."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """A batch on the device (all but its host-side counts), copied asynchronously from pinned memory."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in HOST_ONLY}
 
 
 def shard_positions(num_rows: int, dist: Dist) -> list[int]:

@@ -46,10 +46,12 @@ class Dist:
         if self.world_size > 1:
             torch_dist.barrier()
 
-    def tensor(self, values: Sequence[float]) -> torch.Tensor:
-        """Host numbers as a float64 tensor on this rank's device (float64: token counts stay exact),
-        copied without making the host wait (from pinned memory on a GPU)."""
-        host = torch.tensor(values, dtype=torch.float64)
+    def tensor(self, values: Sequence[float] | torch.Tensor) -> torch.Tensor:
+        """Host numbers (a sequence or a host tensor) as a new float64 tensor on this rank's device
+        (float64: token counts stay exact), copied without making the host wait (from pinned memory
+        on a GPU)."""
+        host = (values.to(torch.float64, copy=True) if isinstance(values, torch.Tensor)
+                else torch.tensor(values, dtype=torch.float64))
         if self.device.type == "cuda":
             host = host.pin_memory()
         return host.to(self.device, non_blocking=True)

@@ -6,6 +6,7 @@ import copy
 import functools
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from medgpt.errors import UserError
 # DeepSpeed prints its own progress every steps_per_print steps; medgpt logs instead.
 QUIET_STEPS_PER_PRINT = 10**9
 ZERO_STAGES = (0, 1, 2, 3)
+REDUCE_BUCKET = 25_000_000  # elements: 100 MB in fp32, several of GPT-2's blocks, more than any one matrix
 
 
 def load_ds_config(path: str) -> dict[str, Any]:
@@ -81,20 +83,49 @@ def offloads_optimizer(zero: dict[str, Any]) -> bool:
     return zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
 
 
-def _default_optimizer_kernel(optimizer: dict[str, Any], zero: dict[str, Any], on_gpu: bool) -> None:
+def _default_optimizer_kernel(optimizer: dict[str, Any], zero: dict[str, Any]) -> None:
     """Adam that needs no build step, unless the JSON says otherwise.
 
     For "Adam"/"AdamW" DeepSpeed builds its own FusedAdam, a CUDA extension JIT-compiled at
     initialize that needs nvcc and CUDA_HOME on every node, or fails on all ranks
     (runtime/engine.py:2378-2409 get_optimizer_configuration, ops/adam/fused_adam.py). torch's
-    AdamW needs nothing; fused, on a GPU, it is one kernel per step like FusedAdam. ZeRO-Offload
-    keeps DeepSpeedCPUAdam (required there: engine.py:2342), built once with the host's compiler.
+    AdamW needs nothing. Fused (torch's kernel for CUDA and, since torch 2.4, CPU tensors) it is
+    one kernel per step like FusedAdam, and it keeps each parameter's step count on the
+    parameter's device: the foreach and per-tensor versions keep it on the host and read it back
+    for the bias correction, once per parameter tensor per step (torch/optim/adamw.py,
+    ``_get_value``). ZeRO-Offload keeps DeepSpeedCPUAdam (required there: engine.py:2342), built
+    once with the host's compiler.
     """
     if optimizer.get("type", "").lower() not in ("adam", "adamw") or offloads_optimizer(zero):
         return
     params = optimizer.setdefault("params", {})
-    if params.setdefault("torch_adam", True) and on_gpu:
+    if params.setdefault("torch_adam", True):
         params.setdefault("fused", True)
+
+
+def _fill_precision(ds: dict[str, Any], precision: str, stage: int, fill: Callable[[str, Any, str], None],
+                    problems: list[str]) -> None:
+    """bf16/fp16 through DeepSpeed's optimizer wrappers at ZeRO >= 1. At ZeRO-0 those wrappers
+    are FP16_UnfusedOptimizer (runtime/engine.py _configure_fp16_optimizer, for bf16 too), which
+    casts every parameter tensor and checks each for overflow with a read of the device, every
+    step. So bf16 at ZeRO-0 is DeepSpeed's torch autocast over fp32 weights (engine.py
+    autocast_if_enabled): no wrapper, fp32 gradients and master weights, and fp16 is refused."""
+    if stage > 0 or precision == "fp32":
+        fill("bf16.enabled", precision == "bf16", f"precision={precision}")
+        fill("fp16.enabled", precision == "fp16", f"precision={precision}")
+        return
+    if precision == "fp16":
+        problems.append("precision fp16 at ZeRO-0: DeepSpeed's fp16 wrapper there (FP16_UnfusedOptimizer) casts and "
+                        "checks every parameter tensor on the host each step; use ZeRO-1 (e.g. --ds_config "
+                        "ds_configs/zero1.json: fp16 with the optimizer state in one flat buffer) or --precision bf16")
+        return
+    for key in ("bf16", "fp16"):
+        if ds.get(key, {}).get("enabled") is True:
+            problems.append(f"ds_config {key}.enabled=true at ZeRO-0 wraps the optimizer in DeepSpeed's "
+                            "FP16_UnfusedOptimizer (a cast and an overflow check per parameter tensor each step); "
+                            "medgpt trains bf16 at ZeRO-0 as torch autocast over fp32 weights: write \"auto\" there")
+        ds.setdefault(key, {})["enabled"] = False
+    ds.setdefault("torch_autocast", {}).update({"enabled": True, "dtype": "bfloat16"})
 
 
 def resolve_ds_config(raw: dict[str, Any], cfg: Config, world_size: int, total_steps: int,
@@ -115,8 +146,7 @@ def resolve_ds_config(raw: dict[str, Any], cfg: Config, world_size: int, total_s
     fill("train_batch_size", t.micro_batch_size * accum * world_size,
          f"micro_batch_size x grad_accum x world size ({t.micro_batch_size} x {accum} x {world_size})")
     fill("gradient_clipping", o.grad_clip, "grad_clip")
-    fill("bf16.enabled", t.precision == "bf16", f"precision={t.precision}")
-    fill("fp16.enabled", t.precision == "fp16", f"precision={t.precision}")
+    _fill_precision(ds, t.precision, zero_stage(ds), fill, problems)
 
     ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     fill("optimizer.params.lr", o.lr, "lr")
@@ -138,16 +168,28 @@ def resolve_ds_config(raw: dict[str, Any], cfg: Config, world_size: int, total_s
         if sched == "WarmupDecayLR":
             fill("scheduler.params.total_num_steps", total_steps, "the run's total steps")
 
-    # Bucket sizes scale with the model width, as in the Hugging Face integration.
     zero = ds.setdefault("zero_optimization", {"stage": 0})
-    _default_optimizer_kernel(ds["optimizer"], zero, on_gpu)
+    _default_optimizer_kernel(ds["optimizer"], zero)
     if t.precision == "bf16" and zero_stage(ds) > 0:
         # bf16 gradients summed in bf16 lose precision over micro-steps and ranks: accumulate in
-        # fp32 where DeepSpeed can -- ZeRO-1 through BF16_Optimizer (runtime/engine.py:2305), ZeRO-2/3
-        # in their own buffers (runtime/zero/stage_1_and_2.py:397, stage3.py:239). ZeRO-0 refuses the
-        # mix (engine.py:2313-2323 raises NotImplementedError), so it keeps bf16 (medgpt warns).
+        # fp32 -- ZeRO-1 through BF16_Optimizer (runtime/engine.py:2305), ZeRO-2/3 in their own
+        # buffers (runtime/zero/stage_1_and_2.py:397, stage3.py:239). ZeRO-0 has fp32 weights and
+        # gradients anyway (_fill_precision).
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
-    for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+        # bf16 has fp32's range: a gradient that is not finite is a diverged run, which the training
+        # step stops at once (medgpt.train.check_step). DeepSpeed's check, on by default
+        # (runtime/precision_config.py check_grad_overflow), tests every parameter tensor and reads
+        # the result back at ZeRO-2 (runtime/zero/stage_1_and_2.py has_overflow_serial, :3029, :3043).
+        ds["bf16"].setdefault("check_grad_overflow", False)
+    if zero_stage(ds) == 0:
+        # DeepSpeed clips fp32 gradients at ZeRO-0 one parameter tensor at a time (a norm and a
+        # multiply each: runtime/utils.py clip_grad_norm_, called from engine.py _take_model_step);
+        # the training step clips them itself with torch's foreach kernels instead
+        # (medgpt.train.clip_gradients), to the same gradient_clipping.
+        ds["gradient_clipping"] = 0.0
+    # Gradients are reduced bucket by bucket. The Hugging Face integration's n_embd^2 makes a bucket of
+    # one weight matrix (a Python hook and a collective each); REDUCE_BUCKET holds several blocks.
+    for key, value in (("reduce_bucket_size", REDUCE_BUCKET),
                        ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
                        ("stage3_param_persistence_threshold", 10 * hidden_size)):
         if zero.get(key) == "auto":

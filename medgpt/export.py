@@ -22,7 +22,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-from medgpt.checkpoint import ds_to_universal, read_finished, read_meta, resolve_checkpoint
+from medgpt.checkpoint import HALF_PRECISION_WRAPPERS, ds_to_universal, read_finished, read_meta, resolve_checkpoint
 from medgpt.config import ModelConfig
 from medgpt.console import library_prints
 from medgpt.errors import UserError
@@ -59,9 +59,14 @@ def fp32_state_dict(tag_dir: Path, module: torch.nn.Module) -> dict[str, torch.T
             with library_prints():
                 state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         return _with_frozen(state, tag_dir, module)
-    # ZeRO-0: DeepSpeed saved the full module state, with the optimizer's in the same file.
+    # ZeRO-0: DeepSpeed saved the full module state, with the optimizer's in the same file. The module
+    # holds the fp32 weights (in bf16 too: autocast, medgpt.ds_config) unless the optimizer was one of
+    # DeepSpeed's 16-bit wrappers, as in checkpoints written before medgpt trained bf16 that way (and,
+    # from before the wrapper was recorded, any half-precision one).
     states = load_weights(tag_dir / MODEL_STATES)
-    if meta.config.train.precision == "fp32":
+    wrapped = meta.optimizer in HALF_PRECISION_WRAPPERS or (
+        not meta.optimizer and meta.config.train.precision != "fp32")
+    if not wrapped:
         return {k: v.float() for k, v in states["module"].items()}
     masters = _zero0_fp32_masters(states["optimizer"], module)
     # Frozen (LoRA base) parameters have no master: the module's copy is all there is.

@@ -12,14 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from medgpt.attention import DOCUMENT_MASK
 from medgpt.prompt import IGNORE_INDEX
 
-# What the model gets of a batch: input_ids, and position_ids for packed samples (from whose restarts
-# transformers confines attention to each sample). Never the attention_mask: rows are right-padded,
-# so under the causal mask no real token sees a pad, and pads carry no loss; without a mask
-# transformers' SDPA path runs with is_causal=True (FlashAttention on a GPU) and builds no mask from
-# device tensors in Python (masking_utils.py). Loss and gradients equal the masked ones (tested).
-MODEL_INPUTS = ("input_ids", "position_ids")
+# What the model gets of a batch: input_ids, and for packed samples their position ids and the mask
+# that keeps each sample to itself (medgpt/attention.py). Never a padding mask: rows are
+# right-padded, so under the causal mask no real token sees a pad, and pads carry no loss. Loss
+# and gradients equal the padding-masked ones (tested).
+MODEL_INPUTS = ("input_ids", "position_ids", DOCUMENT_MASK)
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -38,7 +38,7 @@ def label_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     labels = batch["labels"]
     keep = batch["logit_positions"] if "logit_positions" in batch else logit_positions(labels)
     inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
-    # use_cache=False: transformers detects packed samples from position_ids only without a cache.
+    # use_cache=False: a training forward keeps no keys and values for later tokens.
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     targets = labels[:, keep + 1]
     # bf16/fp16 logits are raised to fp32 for the softmax; fp64 ones (the tests' references) stay fp64.

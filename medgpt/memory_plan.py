@@ -119,9 +119,9 @@ def model_states(strategy: Strategy, shape: ModelShape, precision: str, gpus_per
     master params + Adam moments (12), and the fp32 gradient partition (4) counts as gradients.
     ZeRO-2 and ZeRO-3 reproduce DeepSpeed's per-GPU totals exactly (tests/test_plan.py); ZeRO-0
     and ZeRO-1 have no DeepSpeed estimator and are derived with the same accounting:
-    - ZeRO-0: nothing sharded. In fp32 DeepSpeed steps the plain optimizer on the model's own
-      fp32 params and grads (no master copy, no second grads: 4 + 4 + 8); mixed precision adds
-      FP16_Optimizer's fp32 master and fp32 grads.
+    - ZeRO-0: nothing sharded. DeepSpeed steps the plain optimizer on the model's own fp32 params
+      and grads (no master copy, no second grads: 4 + 4 + 8); mixed precision is torch autocast
+      (medgpt.ds_config), whose 16-bit copies of the weights live through the backward (+ p).
     - ZeRO-1: optimizer states and fp32 grads sharded; the 16-bit grads stay whole on each GPU.
     - ZeRO-2: 16-bit grads sharded too (DeepSpeed: 2 + 18/N).
     - ZeRO-3: params sharded too; DeepSpeed counts no separate 16-bit grad partition (grads are
@@ -139,8 +139,11 @@ def model_states(strategy: Strategy, shape: ModelShape, precision: str, gpus_per
     total, largest = shape.num_params + adapters, shape.largest_layer_params
     trained = adapters or total
     if strategy.stage == 0:
-        mixed = p < 4
-        params, grads, optimizer = p * total, (p + 4 * mixed) * trained, (8 + 4 * mixed) * trained
+        # Trained weights, their grads and moments in fp32 in every precision (mixed precision is
+        # autocast there: medgpt.ds_config), plus autocast's 16-bit copy of each trained weight, kept
+        # for the backward; LoRA's frozen base stays in the precision trained with (medgpt.model).
+        params = p * (total - trained) + (4 + p * (p < 4)) * trained
+        grads, optimizer = 4 * trained, 8 * trained
     elif strategy.stage in (1, 2):
         on_gpu = not strategy.offload_optimizer
         keeps_16bit_grads = strategy.stage == 1 or on_gpu  # ZeRO-2 offload streams them out

@@ -21,12 +21,14 @@ from transformers import (
 )
 from transformers.integrations import HfDeepSpeedConfig
 
+from medgpt.attention import ATTENTION, DOCUMENT_MASK, document_mask
 from medgpt.config import ModelConfig
 from medgpt.errors import UserError
 
 DEFAULT_TOKENIZER = "gpt2"
 # medgpt's precision names (config.PRECISIONS) as torch dtypes: of a run's matmuls and of exported weights.
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = {"bfloat16": "bf16"}  # DeepSpeed's torch_autocast dtype names, as medgpt.ds_config writes them
 
 
 def _is_config_file(name: str) -> bool:
@@ -72,9 +74,11 @@ def check_model_shape(config: PretrainedConfig, seq_len: int) -> PretrainedConfi
     return config
 
 
-# --packing on relies on transformers keeping attention inside each sample of a row: it builds a
-# block-causal mask from position_ids that restart at 0 (masking_utils.py, find_packed_sequence_indices);
-# a version without that detection attends across samples silently. Checked at start, functionally.
+# --packing on relies on each packed sample attending only to itself: medgpt's attention takes the
+# batch's document mask from the model's keyword arguments (medgpt/attention.py), which transformers
+# passes down from the model's forward to the attention function. A version that stopped passing
+# them, or chose another attention, would let samples attend across silently. Checked at start,
+# functionally.
 PROBE_SHAPE = {"vocab_size": 64, "n_positions": 32, "n_embd": 16, "n_layer": 1, "n_head": 2, "bos_token_id": 0,
                "eos_token_id": 0}
 PACKING_TOLERANCE = 1e-4  # fp32 reordering is ~1e-7; attending to another sample moves the logits by ~1e-1
@@ -93,20 +97,22 @@ def packed_sample_difference(forward: Forward) -> float:
 
 
 def check_packing_isolation(forward: Forward | None = None) -> None:
-    """Refuse --packing on where packed samples would see each other: a tiny GPT-2 called the way the
-    training loss calls it (medgpt/loss.py: input_ids and position_ids, no attention_mask, no cache),
-    unless ``forward`` says otherwise."""
+    """Refuse --packing on where packed samples would see each other: a tiny GPT-2 built and called
+    the way training builds and calls it (build_model's attention; medgpt/loss.py: input_ids,
+    position_ids and the document mask, no cache), unless ``forward`` says otherwise."""
     if forward is None:
         with torch.random.fork_rng():  # the run's random streams stay untouched
             torch.manual_seed(0)
-            model = GPT2LMHeadModel(GPT2Config(**PROBE_SHAPE)).eval()
-        forward = lambda ids, pos: model(input_ids=ids, position_ids=pos, use_cache=False).logits  # noqa: E731
+            model = GPT2LMHeadModel(GPT2Config(**PROBE_SHAPE, attn_implementation=ATTENTION)).eval()
+        forward = lambda ids, pos: model(input_ids=ids, position_ids=pos,  # noqa: E731
+                                         **{DOCUMENT_MASK: document_mask(pos)}, use_cache=False).logits
     difference = packed_sample_difference(forward)
     if difference > PACKING_TOLERANCE:
-        raise UserError(f"--packing on: the installed transformers {transformers.__version__} lets a packed sample "
-                        f"attend to the sample before it in its row (its logits move by {difference:.2g}), so "
-                        "questions would see each other's contexts; install a transformers that keeps packed "
-                        "samples apart (pip install -U transformers), or train with --packing off")
+        raise UserError(f"--packing on: with the installed transformers {transformers.__version__} a packed sample "
+                        f"attends to the sample before it in its row (its logits move by {difference:.2g}), so "
+                        "questions would see each other's contexts; install a transformers that passes the model's "
+                        "keyword arguments to its attention function (pip install -U transformers), or train with "
+                        "--packing off")
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -140,10 +146,10 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str,
     random_init = _is_config_file(cfg.model)
     # A random init is built before the HfDeepSpeedConfig exists: with one alive, from_config would
     # build under zero.Init; from_pretrained needs it alive to.
-    model = AutoModelForCausalLM.from_config(config) if random_init else None
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION) if random_init else None
     hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
     if not random_init:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, config=config)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, config=config, attn_implementation=ATTENTION)
     if cfg.activation_checkpointing:
         # transformers' default: non-reentrant torch checkpointing of every block, which works with
         # ZeRO-3's gathered parameters.
@@ -152,6 +158,14 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig, ds_config: dict[str,
         from medgpt.lora import add_adapters  # imports peft, an optional extra
 
         model = add_adapters(model, cfg)
+        autocast = ds_config.get("torch_autocast", {})
+        if autocast.get("enabled"):
+            # ZeRO-0 in bf16 is autocast over fp32 weights (medgpt.ds_config); the frozen base needs
+            # no fp32 copy: it is kept in the autocast dtype, as DeepSpeed's bf16 would keep it.
+            dtype = TORCH_DTYPES[AUTOCAST_DTYPES[autocast["dtype"]]]
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
     return model, hf_deepspeed_config
 
 

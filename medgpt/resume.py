@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 from medgpt.checkpoint import (
     CheckpointMeta,
     TrainState,
+    check_continuable,
     check_same_model,
     checkpoint_root,
     read_finished,
@@ -101,6 +102,7 @@ def plan_resume(cfg: Config, checkpoint: Path | None, model_config: PretrainedCo
         return ResumePlan(None, None, cfg.train.grad_accum)
     meta = read_meta(checkpoint)
     *_, accum = check_all(lambda: check_same_model(meta, model_config, checkpoint),
+                          lambda: check_continuable(meta, checkpoint),
                           lambda: check_same_lora(meta, cfg.model, checkpoint),
                           lambda: _check_same_packing(meta, cfg.data, checkpoint),
                           lambda: _check_settings(meta, cfg, definition, checkpoint),

@@ -116,9 +116,6 @@ def resolve_run_ds_config(cfg: Config, inputs: Inputs, plan: ResumePlan, data: D
     ds_config = resolve_ds_config(inputs.raw_ds_config, cfg, dist.world_size, data.total_steps,
                                   hidden_size=inputs.model_config.n_embd, on_gpu=dist.device.type == "cuda",
                                   grad_accum=plan.grad_accum)
-    if dist.is_main and cfg.train.precision == "bf16" and zero_stage(ds_config) == 0:
-        print("medgpt: note: ZeRO-0 in bf16 accumulates and all-reduces gradients in bf16 (DeepSpeed keeps fp32 "
-              "accumulation for ZeRO >= 1); ZeRO-1 accumulates in fp32 at about the same memory", flush=True)
     return ds_config
 
 
@@ -140,6 +137,18 @@ class Engine:
         return self._saved[1]
 
 
+def initialize_engine(model: torch.nn.Module, ds_config: dict[str, Any], dist: Dist,
+                      schedule: Callable[[torch.optim.Optimizer], Any] | None = None) -> deepspeed.DeepSpeedEngine:
+    """DeepSpeed's engine around the model's trainable parameters, as the training step uses it."""
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable_parameters(model), config=ds_config,
+                                           lr_scheduler=schedule)
+    if zero_stage(ds_config) == 0 and dist.world_size == 1:
+        # One rank has nothing to average: DeepSpeed's all-reduce at ZeRO-0 would still flatten the
+        # gradients, reduce them over the one rank and copy each back (engine.py allreduce_gradients).
+        engine.enable_backward_allreduce = False
+    return engine
+
+
 def build_engine(cfg: Config, inputs: Inputs, plan: ResumePlan, ds_config: dict[str, Any], total_steps: int,
                  provenance: dict[str, Any], dist: Dist) -> Engine:
     """The model inside DeepSpeed, at the checkpoint's state when resuming."""
@@ -149,8 +158,7 @@ def build_engine(cfg: Config, inputs: Inputs, plan: ResumePlan, ds_config: dict[
     schedule = None if "scheduler" in ds_config else functools.partial(
         warmup_cosine, warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps, min_ratio=cfg.optim.min_lr_ratio)
     announce_builds(optimizer_builders(ds_config), show=dist.is_main)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable_parameters(model), config=ds_config,
-                                           lr_scheduler=schedule)
+    engine = initialize_engine(model, ds_config, dist, schedule)
     if t.compile:
         compile_engine(engine)
     torch.manual_seed(t.seed + dist.rank)  # dropout masks differ across ranks, reproducibly

@@ -36,10 +36,14 @@ def step_flops(config: PretrainedConfig, sample_lengths: torch.Tensor | Sequence
       needed, so they are not counted.
     """
     lengths = torch.as_tensor(sample_lengths, dtype=torch.int64)
-    tokens, squares = int(lengths.sum()), int((lengths * lengths).sum())
+    return counted_flops(config, int(lengths.sum()), int((lengths * lengths).sum()), answer_tokens)
+
+
+def counted_flops(config: PretrainedConfig, tokens: float, length_squares: float, answer_tokens: float) -> float:
+    """:func:`step_flops` from the sums it needs: tokens, squared sample lengths, answer tokens."""
     shape = ModelShape.from_config(config)
     h = shape.n_embd
-    return (6 * shape.body_params * tokens + 12 * shape.n_layer * h * squares
+    return (6 * shape.body_params * tokens + 12 * shape.n_layer * h * length_squares
             + 6 * h * shape.vocab_size * answer_tokens)
 
 

@@ -19,11 +19,11 @@ from typing import NoReturn
 import deepspeed
 import torch
 import yaml
-from transformers import PretrainedConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from medgpt.checkpoint import TrainState, describe_history, load_checkpoint, mark_finished
 from medgpt.config import Config, TrainConfig
-from medgpt.data import to_device
+from medgpt.data import COUNTS, to_device
 from medgpt.distributed import Dist, exit_on_collective_timeout, init_distributed
 from medgpt.errors import PREEMPTED_EXIT, TrainingDiverged
 from medgpt.export import export_checkpoint
@@ -46,7 +46,7 @@ from medgpt.startup import (
     resolve_run_ds_config,
     write_run_files,
 )
-from medgpt.throughput import ThroughputWindow, console_summary, peak_memory_bytes, step_flops
+from medgpt.throughput import ThroughputWindow, console_summary, counted_flops, peak_memory_bytes
 from medgpt.tracking import MetricsLogger
 
 BEST_FILE = "best.json"  # in output_dir: the --select_best checkpoint, its step and dev score
@@ -62,41 +62,32 @@ class StepStats:
     answer_tokens: int  # tokens carrying loss
     tokens: int  # non-pad tokens
     positions: int  # token positions computed, padding included (rows x width)
-    flops: float  # model FLOPs the step needs (medgpt.throughput.step_flops)
+    flops: float  # model FLOPs the step needs (medgpt.throughput.counted_flops)
     samples: int  # questions (a packed row holds several)
     peak_memory: list[int]  # bytes, per rank
 
 
-def _host_counts(model_config: PretrainedConfig, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
-    """[answer tokens, tokens, positions, samples, FLOPs] of this rank's micro-batches, from the
-    host copies (no device sync)."""
-    answers = [count_label_tokens(b["labels"]) for b in micro_batches]
-    return [sum(answers), sum(int(b["sample_lengths"].sum()) for b in micro_batches),
-            sum(b["input_ids"].numel() for b in micro_batches), sum(len(b["sample_lengths"]) for b in micro_batches),
-            sum(step_flops(model_config, b["sample_lengths"], n) for b, n in zip(micro_batches, answers, strict=True))]
-
-
 def train_step(engine: deepspeed.DeepSpeedEngine, micro_batches: list[dict[str, torch.Tensor]], dist: Dist,
-               stop_requested: bool) -> StepStats:
-    """One optimizer step over this rank's micro-batches.
+               stop_requested: bool, grad_clip: float) -> StepStats:
+    """One optimizer step over this rank's micro-batches, gradients clipped to ``grad_clip``.
 
-    Two small collectives and one host-device sync per step, whatever the accumulation: the global
-    counts before the first backward (the loss scale needs them; counted on the host, summed on
-    the device without waiting), and after the step the loss, the stop flag and each rank's peak
-    memory, read back once. Every step, not every logged one: a non-finite loss stops the run at
-    once, and all ranks must agree to stop at the same step.
+    Two small collectives and one read of the device per step, whatever the accumulation: the
+    global counts before the first backward (the loss scale needs them; counted by the collate
+    functions on the host, summed on the device without waiting), and after the step the loss,
+    the stop flag and each rank's peak memory, read back once. Every step, not every logged one:
+    a non-finite loss stops the run at once, and all ranks must agree to stop at the same step.
     """
-    counts = dist.sum_(dist.tensor(_host_counts(engine.module.config, micro_batches)))
+    counts = dist.sum_(dist.tensor(sum(b["counts"] for b in micro_batches)))
     # DeepSpeed averages gradients over ranks; multiplying by the world size turns that average
     # back into the sum over the global batch, which we divide by its answer-token count.
-    scale = dist.world_size / counts[0].clamp(min=1.0)
+    scale = dist.world_size / counts[COUNTS.index("answer_tokens")].clamp(min=1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
     grad_norm = None
     for i, batch in enumerate(micro_batches):
         loss = label_loss_sum(engine, to_device(batch, dist.device))
         engine.backward(loss * scale.to(loss.dtype), scale_wrt_gas=False)
         if i == len(micro_batches) - 1:
-            grad_norm = unreported_grad_norm(engine)
+            grad_norm = clip_gradients(engine, grad_clip)
         engine.step()  # the optimizer steps only at the accumulation boundary
         loss_sum += loss.detach()
     if grad_norm is None:
@@ -107,21 +98,28 @@ def train_step(engine: deepspeed.DeepSpeedEngine, micro_batches: list[dict[str, 
     ends[0] = loss_sum
     dist.sum_(ends)
     norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, dtype=torch.float64, device=dist.device)
-    answer_tokens, tokens, positions, samples, flops, loss, stop, *peaks, norm_value = (
-        torch.cat([counts, ends, norm.reshape(1)]).tolist())  # the step's one host-device sync
+    values = torch.cat([counts, ends, norm.reshape(1)]).tolist()  # the step's one read of the device
+    answer_tokens, tokens, positions, samples, length_squares = values[:len(COUNTS)]
+    loss, stop, *peaks, norm_value = values[len(COUNTS):]
     return StepStats(loss=loss / max(answer_tokens, 1.0), grad_norm=None if grad_norm is None else norm_value,
-                     applied=engine.was_step_applied(),
-                     stop=stop > 0, answer_tokens=int(answer_tokens), tokens=int(tokens), positions=int(positions),
-                     flops=flops, samples=int(samples), peak_memory=[int(p) for p in peaks])
+                     applied=engine.was_step_applied(), stop=stop > 0, answer_tokens=int(answer_tokens),
+                     tokens=int(tokens), positions=int(positions),
+                     flops=counted_flops(engine.module.config, tokens, length_squares, answer_tokens),
+                     samples=int(samples), peak_memory=[int(p) for p in peaks])
 
 
-def unreported_grad_norm(engine: deepspeed.DeepSpeedEngine) -> torch.Tensor | None:
-    """The gradient norm where DeepSpeed does not report one (ZeRO-0 in fp32 clips without
-    keeping the norm). Called after the last backward, when the gradients are all-reduced."""
-    if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+def clip_gradients(engine: deepspeed.DeepSpeedEngine, max_norm: float) -> torch.Tensor | None:
+    """ZeRO-0: clip the gradients to ``max_norm`` (0: leave them) with torch's foreach kernels and
+    return their norm before clipping. DeepSpeed's own clipping there, one parameter tensor at a
+    time, is off (medgpt.ds_config) and keeps no norm. None at ZeRO >= 1, where DeepSpeed's optimizer
+    clips and reports the norm. Called after the last backward, when the gradients are all-reduced."""
+    if engine.zero_optimization_stage() > 0:
         return None
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads)
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
 
 
 @torch.no_grad()
@@ -314,7 +312,7 @@ def train(cfg: Config) -> None:
     with Progress(data.total_steps, state.step, shown=dist.is_main) as bar:
         while not state.finished(data.total_steps, t.early_stop):
             lr, step_start = engine.get_lr()[0], time.perf_counter()
-            stats = train_step(engine, next(batches), dist, stop_request.received)
+            stats = train_step(engine, next(batches), dist, stop_request.received, cfg.optim.grad_clip)
             state.advance(data.global_batch, data.steps_per_epoch)
             skips.add(stats.applied)
             check_step(stats, state.step + 1, t.precision, skips, t.max_skipped_steps, last_checkpoint, lr)

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import REPO
 from medgpt.config import Config, parse_config
-from medgpt.ds_config import load_ds_config, resolve_ds_config
+from medgpt.ds_config import REDUCE_BUCKET, load_ds_config, resolve_ds_config, zero_stage
 from medgpt.errors import UserError
 
 
@@ -56,15 +56,46 @@ def test_auto_values_come_from_the_training_config():
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
     assert ds["scheduler"]["params"]["total_num_steps"] == 100 and ds["scheduler"]["params"]["warmup_num_steps"] == 7
-    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert ds["zero_optimization"]["reduce_bucket_size"] == REDUCE_BUCKET  # several blocks, not one matrix
     assert raw["train_batch_size"] == "auto"  # the user's JSON is not modified
 
 
 def test_every_shipped_ds_config_resolves():
     for path in sorted((REPO / "ds_configs").glob("*.json")):
         ds = resolve(load_ds_config(str(path)), precision="bf16")
-        assert "auto" not in json.dumps(ds), path
-        assert ds["bf16"]["enabled"] is True
+        assert '"auto"' not in json.dumps(ds), path
+        if zero_stage(ds) == 0:  # autocast over fp32 weights: DeepSpeed's bf16 wrapper off
+            assert ds["bf16"]["enabled"] is False and ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+        else:
+            assert ds["bf16"]["enabled"] is True and "torch_autocast" not in ds
+            assert ds["bf16"]["check_grad_overflow"] is False  # a non-finite bf16 gradient: check_step stops the run
+
+
+def test_zero0_clips_in_the_training_step_not_in_deepspeed():
+    """DeepSpeed clips ZeRO-0's gradients one tensor at a time; medgpt.train.clip_gradients clips them
+    (to --grad_clip, checked against the JSON's value as ever) with torch's foreach kernels."""
+    raw = load_ds_config(str(REPO / "ds_configs" / "zero0.json"))
+    assert resolve(raw, grad_clip=0.5)["gradient_clipping"] == 0.0
+    raw["gradient_clipping"] = 2.0
+    with pytest.raises(UserError, match="gradient_clipping=2.0 disagrees with grad_clip=0.5"):
+        resolve(raw, grad_clip=0.5)
+
+
+def test_half_precision_at_zero0_is_autocast_or_refused():
+    raw = load_ds_config(str(REPO / "ds_configs" / "zero0.json"))
+    cfg = parse_config(["--precision", "fp16"])
+    with pytest.raises(UserError, match=r"precision fp16 at ZeRO-0: .* use ZeRO-1 .* or --precision bf16"):
+        resolve_ds_config(raw, cfg, 1, total_steps=10, hidden_size=64, on_gpu=True)
+    raw["bf16"] = {"enabled": True}
+    with pytest.raises(UserError, match=r"bf16.enabled=true at ZeRO-0 .* torch autocast over fp32 weights: write "
+                                        r"\"auto\" there"):
+        resolve(raw, precision="bf16")
+
+
+def test_a_users_bf16_overflow_check_is_kept():
+    raw = load_ds_config(str(REPO / "ds_configs" / "zero2.json"))
+    raw["bf16"]["check_grad_overflow"] = True
+    assert resolve(raw, precision="bf16")["bf16"]["check_grad_overflow"] is True
 
 
 def test_throughput_timer_is_off_unless_the_json_turns_it_on():

@@ -38,10 +38,11 @@ def resolved(name: str, precision: str = "fp32", on_gpu: bool = False) -> dict:
 @pytest.mark.parametrize("name", ["zero0.json", "zero1.json", "zero2.json", "zero3.json"])
 def test_adam_needs_no_build_step(name):
     """DeepSpeed's "AdamW" is its CUDA FusedAdam, compiled at initialize (nvcc and CUDA_HOME on
-    every node): medgpt asks for torch's AdamW, fused on a GPU."""
-    assert resolved(name)["optimizer"]["params"]["torch_adam"] is True
-    assert "fused" not in resolved(name)["optimizer"]["params"]
-    assert resolved(name, on_gpu=True)["optimizer"]["params"]["fused"] is True
+    every node): medgpt asks for torch's AdamW, fused (one kernel, no per-tensor read of the step
+    count) on a GPU and a CPU alike."""
+    for on_gpu in (False, True):
+        params = resolved(name, on_gpu=on_gpu)["optimizer"]["params"]
+        assert params["torch_adam"] is True and params["fused"] is True
 
 
 @pytest.mark.parametrize("name", ["zero2_offload.json", "zero3_offload.json"])
@@ -71,16 +72,19 @@ def probe(ds_config: str, precision: str) -> dict:
                                             (3, "DeepSpeedZeroOptimizer_Stage3")])
 def test_bf16_gradients_accumulate_in_fp32(stage, wrapper):
     got = probe(f"zero{stage}.json", "bf16")
-    assert (got["optimizer"], got["wrapper"], got["accumulates_in"]) == ("AdamW", wrapper, "float32")
+    assert (got["optimizer"], got["wrapper"], got["accumulates_in"], got["forward_dtype"]) == (
+        "AdamW", wrapper, "float32", "bfloat16")
 
 
 @pytest.mark.e2e
-def test_zero0_half_precision_wrapper_has_the_loss_scale_the_loop_reads():
-    """At ZeRO-0, DeepSpeed wraps torch's AdamW in FP16_UnfusedOptimizer for fp16 and bf16 alike
-    (runtime/engine.py _configure_fp16_optimizer); fp16 needs a GPU, bf16 builds the same wrapper."""
+def test_zero0_bf16_is_autocast_over_fp32_weights():
+    """At ZeRO-0, DeepSpeed's bf16 would wrap torch's AdamW in FP16_UnfusedOptimizer (runtime/engine.py
+    _configure_fp16_optimizer): a cast and an overflow check per parameter tensor every step. medgpt
+    turns DeepSpeed's torch autocast on instead: the forward computes in bf16, the optimizer is
+    AdamW itself, gradients accumulate in fp32, and there is no loss scale."""
     got = probe("zero0.json", "bf16")
-    assert got["wrapper"] == "FP16_UnfusedOptimizer" and got["loss_scale"] is not None
-    assert got["accumulates_in"] == "bfloat16"  # DeepSpeed refuses fp32 accumulation at ZeRO-0: medgpt warns
+    assert (got["optimizer"], got["wrapper"], got["accumulates_in"], got["loss_scale"], got["forward_dtype"]) == (
+        "AdamW", "AdamW", "float32", None, "bfloat16")
 
 
 @pytest.mark.e2e
@@ -95,7 +99,7 @@ def test_two_collectives_per_step(ds_config):
 @pytest.mark.e2e
 @pytest.mark.parametrize("stage", [0, 1, 3])
 def test_bf16_checkpoint_exports_its_fp32_master_weights(tmp_path, data_cache, stage):
-    """ZeRO-0 keeps the fp32 masters in the optimizer wrapper, ZeRO-1 (BF16_Optimizer) in a layout
+    """ZeRO-0 trains its fp32 weights under autocast (the module holds them), ZeRO-1 (BF16_Optimizer) keeps them in a layout
     zero_to_fp32 cannot read, ZeRO-3 in files named like BF16_Optimizer's (a first GPU run exported
     it the wrong way): all export their fp32 masters, which round to the bf16 weights trained with."""
     out = tmp_path / "run"
@@ -106,8 +110,9 @@ def test_bf16_checkpoint_exports_its_fp32_master_weights(tmp_path, data_cache, s
         module = torch.load(out / "checkpoints" / "step2" / "mp_rank_00_model_states.pt", map_location="cpu",
                             weights_only=True)["module"]
         assert set(exported) <= set(module)
-        for name, weight in exported.items():
-            assert weight.dtype == torch.float32 and torch.equal(weight.to(torch.bfloat16), module[name])
+        for name, weight in exported.items():  # the module holds fp32 weights (ZeRO-0) or their bf16 copy
+            assert weight.dtype == torch.float32
+            assert torch.equal(weight if stage == 0 else weight.to(torch.bfloat16), module[name])
     wte = exported["transformer.wte.weight"]
     assert not torch.equal(wte, wte.to(torch.bfloat16).float())  # fp32 masters, not the bf16 weights widened
 

@@ -253,13 +253,14 @@ def test_the_installed_transformers_keeps_packed_samples_apart():
 
 
 def test_packing_is_refused_where_packed_samples_see_each_other():
-    """What a transformers without the position_ids detection computes: one causal mask over the row."""
+    """What a transformers that dropped the document mask on its way to the attention would compute:
+    one causal mask over the row."""
     model = GPT2LMHeadModel(GPT2Config(**PROBE_SHAPE)).eval()
 
     def one_mask_per_row(ids, pos):
         return model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False).logits
 
     assert packed_sample_difference(one_mask_per_row) > 100 * PACKING_TOLERANCE
-    with pytest.raises(UserError, match=r"--packing on: the installed transformers \S+ lets a packed sample attend to "
-                                        r"the sample before it .* or train with --packing off"):
+    with pytest.raises(UserError, match=r"--packing on: with the installed transformers \S+ a packed sample attends "
+                                        r"to the sample before it .* or train with --packing off"):
         check_packing_isolation(one_mask_per_row)

@@ -8,7 +8,8 @@
 - ``accumulates_in``: the dtype of the buffer gradients are summed in after two micro-steps;
 - ``loss_scale``: read the way the training loop reads it (null if there is none);
 - ``collectives_per_step``: torch.distributed calls made by medgpt's own code in each of 3
-  ``train_step`` calls (DeepSpeed's own are not counted).
+  ``train_step`` calls (DeepSpeed's own are not counted);
+- ``forward_dtype``: the dtype of the logits of a forward through the engine.
 """
 import collections
 import json
@@ -75,13 +76,17 @@ for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barr
 per_step = []
 for step in range(3):
     counts.clear()
-    train_step(engine, [micro_batch(10 * step + i) for i in range(2)], dist, stop_requested=False)
+    train_step(engine, [micro_batch(10 * step + i) for i in range(2)], dist, stop_requested=False,
+               grad_clip=cfg.optim.grad_clip)
     per_step.append(counts["step"])
 
 loss_scale = getattr(optimizer, "loss_scale", None)
+with torch.no_grad():
+    forward_dtype = str(engine(input_ids=micro_batch(0)["input_ids"]).logits.dtype).removeprefix("torch.")
 if dist.is_main:
     print(json.dumps({"optimizer": type(engine.basic_optimizer).__name__, "wrapper": type(optimizer).__name__,
                       "accumulates_in": accumulates_in, "collectives_per_step": per_step,
-                      "loss_scale": None if loss_scale is None else float(loss_scale)}), flush=True)
+                      "loss_scale": None if loss_scale is None else float(loss_scale),
+                      "forward_dtype": forward_dtype}), flush=True)
 
 exit_process(0)  # not a plain exit: gloo's threads can abort it (medgpt/shutdown.py)

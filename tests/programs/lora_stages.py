@@ -13,6 +13,7 @@ import torch
 
 from medgpt.checkpoint import CheckpointMeta, TrainState, save_checkpoint
 from medgpt.config import parse_config
+from medgpt.data import collate
 from medgpt.distributed import init_distributed
 from medgpt.ds_config import load_ds_config, resolve_ds_config
 from medgpt.lora import trainable_parameters
@@ -28,11 +29,8 @@ dist = init_distributed()
 
 def batch(rank: int, step: int) -> dict[str, torch.Tensor]:
     """2 rows of 48 tokens, the last 8 labelled (an answer), different on every rank and step."""
-    ids = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(100 * step + rank))
-    labels = ids.clone()
-    labels[:, :40] = IGNORE_INDEX
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-            "sample_lengths": torch.tensor([48, 48])}
+    ids = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(100 * step + rank)).tolist()
+    return collate([{"input_ids": row, "labels": [IGNORE_INDEX] * 40 + row[40:]} for row in ids], pad_id=0)
 
 
 for stage in stages:
@@ -47,7 +45,7 @@ for stage in stages:
         torch.save(model.get_base_model().state_dict(), output / "initial.pt")
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_parameters(model), config=ds)
     for step in range(2):
-        train_step(engine, [batch(dist.rank, step)], dist, stop_requested=False)
+        train_step(engine, [batch(dist.rank, step)], dist, stop_requested=False, grad_clip=cfg.optim.grad_clip)
     meta = CheckpointMeta(config=cfg, model_config=model_config.to_dict(),
                           model_shape=ModelShape.from_config(model_config), global_batch=2 * dist.world_size,
                           zero_stage=stage, optimizer=type(engine.optimizer).__name__)

@@ -64,7 +64,7 @@ batches = [micro_batch(100 * dist.rank + i) for i in range(2)]
 losses, norms, forwards = [], [], []
 for _ in range(args.steps):
     mlp_forwards.clear()
-    stats = train_step(engine, batches, dist, stop_requested=False)
+    stats = train_step(engine, batches, dist, stop_requested=False, grad_clip=cfg.optim.grad_clip)
     losses.append(stats.loss)
     norms.append(stats.grad_norm)
     forwards.append(len(mlp_forwards))
