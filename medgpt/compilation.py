@@ -8,9 +8,16 @@ parameter gather/release hooks are ``torch.compiler.disable``-d (runtime/zero/pa
 DeepCompile (``"compile": {"deepcompile": true}`` in the JSON, which fuses
 ZeRO's collectives into the graph) is DeepSpeed's to switch on: medgpt passes the JSON through.
 
-``dynamic=True``: every batch has another padded length and another number of labelled positions
-(``logits_to_keep``); compiled for fixed shapes, each new one would recompile until dynamo's
-recompile limit and then run eagerly.
+Shapes: with --compile every training row is padded to seq_len (medgpt.startup.build_data), so
+the body of the model sees one shape. What still varies is the number of positions the LM head
+runs at (``logits_to_keep``, the batch's labelled positions: medgpt/loss.py). torch's automatic
+dynamic shapes (the default, ``dynamic=None``) compile the first batch for its exact shapes, and
+on the first batch with another count compile once more with that dimension symbolic; nothing
+recompiles after that. (``dynamic=True`` would make every dimension symbolic, the batch and the
+width too, and give up the static kernels.) Evaluation batches keep their own widths: the first
+evaluation compiles its no_grad graph the same way. The forward and loss compile as one graph with
+no break, packed or not (tests/test_loss.py): the attention takes no mask built from device values
+(medgpt/attention.py).
 """
 from __future__ import annotations
 
@@ -18,6 +25,6 @@ import deepspeed
 
 
 def compile_engine(engine: deepspeed.DeepSpeedEngine) -> None:
-    """Compile the engine's model for every batch shape. The first step of each mode (train,
-    no_grad evaluation) pays the compilation: tens of seconds to minutes on a CPU."""
-    engine.compile(compile_kwargs={"dynamic": True})
+    """Compile the engine's model. The first step of each mode (train, no_grad evaluation) pays
+    the compilation: tens of seconds to minutes on a CPU."""
+    engine.compile()

@@ -120,8 +120,9 @@ class TrainConfig:
                      "10-bit mantissa)")
     # Off by default: on this project's CPU it did not speed up 124M steps and its compilation (minutes)
     # outweighed the tiny model's faster steps (docs/scale.md); measure on your own GPUs.
-    compile: bool = arg(False, help="torch.compile the model (DeepSpeed's engine.compile(), inductor, dynamic "
-                        "shapes): slower start, the first step of training and of evaluation compiles")
+    compile: bool = arg(False, help="torch.compile the model (DeepSpeed's engine.compile(), inductor; training "
+                        "rows padded to seq_len): slower start, the first step of training and of evaluation "
+                        "compiles")
     max_skipped_steps: int = arg(20, help="fp16: stop (exit 3) after this many consecutive loss-scale overflows")
     # Keep it under the 30 s after which torchrun (--shutdown_timeout), deepspeed's launch.py and
     # SLURM (KillWait) SIGKILL the ranks; past it a rank exits with STALLED_EXIT without saving.

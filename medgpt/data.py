@@ -302,11 +302,12 @@ class ResumableDistributedSampler(DistributedSampler):
         return self.num_samples - self.consumed // self.num_replicas
 
 
-def _right_padded(rows: list[dict[str, Any]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """input_ids and labels of the rows, right-padded to the longest (padding: no loss), and
-    each row's length."""
+def _right_padded(rows: list[dict[str, Any]], pad_id: int,
+                  width: int | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """input_ids and labels of the rows, right-padded to ``width`` or else the longest (padding: no
+    loss), and each row's length."""
     lengths = [len(r["input_ids"]) for r in rows]
-    input_ids = torch.full((len(rows), max(lengths)), pad_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), width or max(lengths)), pad_id, dtype=torch.long)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for i, (r, n) in enumerate(zip(rows, lengths, strict=True)):
         input_ids[i, :n] = torch.tensor(r["input_ids"])
@@ -318,6 +319,7 @@ def _right_padded(rows: list[dict[str, Any]], pad_id: int) -> tuple[torch.Tensor
 # for them): what throughput and the loss normalisation need (medgpt.train.train_step).
 COUNTS = ("answer_tokens", "tokens", "positions", "samples", "length_squares")
 HOST_ONLY = ("sample_lengths", "counts")  # what to_device leaves on the host
+LOADER_PREFETCH = 8  # micro-batches a GPU run's loader worker keeps ready (a step takes grad_accum of them)
 
 
 def _counts(labels: torch.Tensor, sample_lengths: list[int]) -> torch.Tensor:
@@ -326,23 +328,24 @@ def _counts(labels: torch.Tensor, sample_lengths: list[int]) -> torch.Tensor:
                          sum(n * n for n in sample_lengths)], dtype=torch.float64)
 
 
-def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row of the batch; padding carries no loss. No mask reaches the
+def collate(rows: list[dict[str, Any]], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to ``width`` (--compile: one shape, see medgpt/compilation.py) or else the longest
+    row of the batch; padding carries no loss. No mask reaches the
     model in training (medgpt/attention.py); ``attention_mask`` is for scoring, which reads each
     row's last real position from it. ``sample_lengths`` holds each row's real token count
     (throughput counts no padding)."""
-    input_ids, labels, lengths = _right_padded(rows, pad_id)
+    input_ids, labels, lengths = _right_padded(rows, pad_id, width)
     attention_mask = (torch.arange(input_ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
             "sample_lengths": torch.tensor(lengths), "logit_positions": logit_positions(labels),
             "counts": _counts(labels, lengths)}
 
 
-def collate_packs(packs: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad packed rows to the longest of the batch. Position ids restart at 0 at each sample;
+def collate_packs(packs: list[dict[str, Any]], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad packed rows to ``width`` or else the longest of the batch. Position ids restart at 0 at each sample;
     ``document_mask`` keeps attention inside each sample (medgpt/attention.py). The padding is one
     more segment of its own with ignored labels: it attends only to itself and carries no loss."""
-    input_ids, labels, lengths = _right_padded(packs, pad_id)
+    input_ids, labels, lengths = _right_padded(packs, pad_id, width)
     width = input_ids.shape[1]
     position_ids = torch.empty_like(input_ids)
     for i, (p, n) in enumerate(zip(packs, lengths, strict=True)):
@@ -367,11 +370,16 @@ def _loader_generator() -> torch.Generator:
 
 
 def train_loader(dataset: datasets.Dataset, sampler: ResumableDistributedSampler, micro_batch_size: int,
-                 pad_id: int, packed: bool, device: torch.device) -> DataLoader:
-    # Pinned host memory lets to_device copy without blocking the host (CUDA only).
+                 pad_id: int, packed: bool, device: torch.device, width: int | None = None) -> DataLoader:
+    """Training batches, rows padded to ``width`` if given. On a GPU the next micro-batches are read
+    and collated in a worker process while the step runs, and pinned (host memory the device copies
+    from without making the host wait: to_device); the main thread only hands them over. A CPU
+    run keeps collating in the main process: its cores are the ranks' own."""
+    gpu = device.type == "cuda"
     return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, drop_last=True,
-                      collate_fn=functools.partial(collate_packs if packed else collate, pad_id=pad_id),
-                      pin_memory=device.type == "cuda", generator=_loader_generator())
+                      collate_fn=functools.partial(collate_packs if packed else collate, pad_id=pad_id, width=width),
+                      pin_memory=gpu, num_workers=int(gpu), persistent_workers=gpu,
+                      prefetch_factor=LOADER_PREFETCH if gpu else None, generator=_loader_generator())
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

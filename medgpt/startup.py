@@ -105,7 +105,7 @@ def build_data(cfg: Config, inputs: Inputs, plan: ResumePlan, dist: Dist) -> Dat
     records, split = inputs.records, inputs.split
     return Data(sampler=sampler,
                 train=train_loader(data.train, sampler, t.micro_batch_size, pad_id, packed=cfg.data.packing,
-                                   device=dist.device),
+                                   device=dist.device, width=cfg.data.seq_len if t.compile else None),
                 dev=eval_loader(data.dev, dist, t.eval_batch_size, pad_id),
                 dev_records=[records[i] for i in split.dev], test_records=[records[i] for i in split.test],
                 global_batch=global_batch, steps_per_epoch=steps_per_epoch,

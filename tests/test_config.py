@@ -77,7 +77,7 @@ def test_zero0_clips_in_the_training_step_not_in_deepspeed():
     raw = load_ds_config(str(REPO / "ds_configs" / "zero0.json"))
     assert resolve(raw, grad_clip=0.5)["gradient_clipping"] == 0.0
     raw["gradient_clipping"] = 2.0
-    with pytest.raises(UserError, match="gradient_clipping=2.0 disagrees with grad_clip=0.5"):
+    with pytest.raises(UserError, match=r"gradient_clipping=2\.0 disagrees with grad_clip=0\.5"):
         resolve(raw, grad_clip=0.5)
 
 

@@ -99,9 +99,9 @@ def test_two_collectives_per_step(ds_config):
 @pytest.mark.e2e
 @pytest.mark.parametrize("stage", [0, 1, 3])
 def test_bf16_checkpoint_exports_its_fp32_master_weights(tmp_path, data_cache, stage):
-    """ZeRO-0 trains its fp32 weights under autocast (the module holds them), ZeRO-1 (BF16_Optimizer) keeps them in a layout
-    zero_to_fp32 cannot read, ZeRO-3 in files named like BF16_Optimizer's (a first GPU run exported
-    it the wrong way): all export their fp32 masters, which round to the bf16 weights trained with."""
+    """ZeRO-0 trains its fp32 weights under autocast (the module holds them), ZeRO-1 (BF16_Optimizer)
+    keeps them in a layout zero_to_fp32 cannot read, ZeRO-3 in files named like BF16_Optimizer's (a
+    first GPU run exported it the wrong way): all export their fp32 weights, not a bf16 copy."""
     out = tmp_path / "run"
     check_ok(launch(tiny_args(out, data_cache, precision="bf16", max_steps=2, eval_every=0, seq_len=128,
                               ds_config=REPO / "ds_configs" / f"zero{stage}.json")))

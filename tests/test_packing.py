@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from conftest import ORI_JSON, REPO, TINY_MODEL, TOKENIZER, check_ok, launch, read_scalars, refused, tiny_args
+from medgpt.attention import ATTENTION, DOCUMENT_MASK, document_mask
 from medgpt.config import DataConfig
 from medgpt.data import (
     ResumableDistributedSampler,
@@ -101,6 +102,7 @@ def tiny_model() -> GPT2LMHeadModel:
     torch.testing's float64 tolerances (1e-7), on any CPU; a real leak is orders larger."""
     config = GPT2Config.from_json_file(str(TINY_MODEL))
     config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    config._attn_implementation = ATTENTION  # as medgpt.model.build_model builds it
     torch.manual_seed(0)
     return GPT2LMHeadModel(config).double()
 
@@ -150,9 +152,9 @@ def test_attention_stays_within_each_sample(real_data):
     def hidden(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """The last hidden states after sample A: the LM head maps each position alone, so where
         these are equal the logits are (and the 50,257-wide head is skipped: most of the test's time)."""
-        with torch.no_grad():
-            return model.transformer(input_ids=input_ids, position_ids=position_ids,
-                                     use_cache=False).last_hidden_state[0, first:]
+        with torch.no_grad():  # called as the loss calls the model (medgpt/loss.py, medgpt/attention.py)
+            return model.transformer(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                     **{DOCUMENT_MASK: document_mask(position_ids)}).last_hidden_state[0, first:]
 
     # Other tokens in sample A leave every later sample's states as they were...
     torch.testing.assert_close(hidden(changed, batch["position_ids"]),

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -101,3 +103,23 @@ def test_iterating_the_loaders_leaves_the_dropout_rng_alone():
     assert len(list(train_loader(rows, sampler, 2, pad_id=0, packed=False, device=torch.device("cpu")))) == 2
     assert len(list(eval_loader(rows, Dist.single(), 2, pad_id=0))) == 4
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_gpu_run_collates_the_same_batches_in_a_worker_process():
+    """On a GPU the training loader collates in a worker process (pinning is skipped here: no GPU);
+    the batches, their order and the global RNG stay those of the main-process loader."""
+    rows = [{"input_ids": [i] * (1 + i % 3), "labels": [i] * (1 + i % 3)} for i in range(12)]
+    batches = {}
+    for device in ("cpu", "cuda"):
+        sampler = ResumableDistributedSampler(rows, Dist.single(), seed=0)
+        sampler.set_epoch(1, consumed=4)
+        before = torch.get_rng_state()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pin_memory.*")  # no GPU to pin for
+            loader = train_loader(rows, sampler, 2, pad_id=0, packed=False, device=torch.device(device))
+            batches[device] = list(loader)
+        assert loader.num_workers == (device == "cuda")
+        assert torch.equal(torch.get_rng_state(), before)
+    assert len(batches["cpu"]) == 4
+    for ours, theirs in zip(batches["cpu"], batches["cuda"], strict=True):
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
